@@ -1,0 +1,18 @@
+"""The pack's node classes: thin wrappers that validate inputs and call into ``p3s_core``."""
+from .adapter_nodes import P3SAdapterLoader, P3SAdapterSave
+from .injector_nodes import P3SConditionInjector
+from .schedule_nodes import P3STimestepWeightScheduler
+
+NODE_CLASS_MAPPINGS = {
+    "P3STimestepWeightScheduler": P3STimestepWeightScheduler,
+    "P3SConditionInjector": P3SConditionInjector,
+    "P3SAdapterLoader": P3SAdapterLoader,
+    "P3SAdapterSave": P3SAdapterSave,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "P3STimestepWeightScheduler": "P3S Timestep Weight Scheduler",
+    "P3SConditionInjector": "P3S Condition Injector",
+    "P3SAdapterLoader": "P3S Adapter Loader",
+    "P3SAdapterSave": "P3S Adapter Save",
+}

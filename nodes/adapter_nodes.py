@@ -1,0 +1,74 @@
+"""P3S Adapter Loader / Save nodes: adapters are safetensors files in ``models/p3s``."""
+from __future__ import annotations
+
+import os
+
+from .common import ADAPTER, CATEGORY
+from .paths import adapter_folders, list_adapters, save_folder
+
+
+def _checked_name(name: str, input_name: str) -> str:
+    from ..p3s_core.errors import AdapterFileError
+
+    name = str(name).strip()
+    if not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise AdapterFileError(input_name, f"'{name}' is not a plain file name (no folders, no '..', not hidden)",
+                               "use a simple name such as 'my_dog'; files go to models/p3s")
+    return name
+
+
+def resolve_adapter(name: str) -> str:
+    """The full path of an adapter in the p3s folders, or an error listing the folders searched."""
+    import folder_paths
+
+    from ..p3s_core.errors import AdapterFileError
+
+    name = _checked_name(name, "adapter_name")
+    path = folder_paths.get_full_path("p3s", name)
+    if path is None or not os.path.isfile(path):
+        raise AdapterFileError("adapter_name", f"'{name}' was not found; searched: {', '.join(adapter_folders())}",
+                               "put the .safetensors file in one of those folders (or train one with P3S Trainer) and press R to refresh")
+    return path
+
+
+class P3SAdapterLoader:
+    DESCRIPTION = "Loads a P3S adapter (safetensors) from models/p3s, checking that it was made for SD1.5 by a compatible P3S version."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (ADAPTER,)
+    OUTPUT_TOOLTIPS = ("The adapter, for the P3S Condition Injector or to resume training.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"adapter_name": (list_adapters(), {"tooltip": "An adapter file in models/p3s (or a 'p3s:' folder of extra_model_paths.yaml)."})}}
+
+    def load(self, adapter_name):
+        from ..p3s_core.adapter import load_adapter
+
+        return (load_adapter(resolve_adapter(adapter_name)),)
+
+
+class P3SAdapterSave:
+    DESCRIPTION = "Saves a P3S adapter to models/p3s as safetensors (atomically: a crash never leaves a half-written file)."
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("adapter_name",)
+    OUTPUT_NODE = True
+    OUTPUT_TOOLTIPS = ("The saved file's name, for P3S Adapter Loader.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "adapter": (ADAPTER, {"tooltip": "The adapter to save."}),
+            "name": ("STRING", {"default": "p3s_adapter", "tooltip": "File name in models/p3s ('.safetensors' is added). An existing file is replaced."}),
+        }}
+
+    def save(self, adapter, name):
+        from ..p3s_core.adapter import save_adapter
+
+        name = _checked_name(name, "name")
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        path = save_adapter(adapter, os.path.join(save_folder(), name))
+        return {"ui": {"text": [str(path)]}, "result": (name,)}

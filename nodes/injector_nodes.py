@@ -1,0 +1,52 @@
+"""P3S Condition Injector node (paper Eq. 4-10): patch a MODEL with an adapter and a reference."""
+from __future__ import annotations
+
+from .common import ADAPTER, CATEGORY, SCHEDULE
+
+
+class P3SConditionInjector:
+    DESCRIPTION = (
+        "Patches the MODEL with a P3S adapter: each sampling step the adapter's trainable copy runs once "
+        "on x_t plus the encoded reference (Eq. 4-6) and its features are added to all 16 self-attention "
+        "layers of the original UNet (Eq. 7-8), weighted by the schedule (Eq. 9-10). Connect the patched "
+        "MODEL to any sampler; ControlNet conditioning works beside it. The input MODEL is not changed."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "inject"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The MODEL with the subject injected (a patched clone).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD1.5 MODEL (any SD1.5 checkpoint or fine-tune)."}),
+                "adapter": (ADAPTER, {"tooltip": "The P3S adapter: from P3S Adapter Loader or P3S Trainer."}),
+                "reference": ("IMAGE", {"tooltip": "The cleaned reference photo(s) I' (P3S RNGR Mask + Inpaint). Several images are averaged."}),
+                "vae": ("VAE", {"tooltip": "The VAE of the checkpoint, to encode the reference (I'_latent, Eq. 4)."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (clip-vit-large-patch14): its last hidden state is c_s of Eq. 5."}),
+                "lam": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 2.0, "step": 0.01, "tooltip": "lambda of Eq. 7: how much of the subject feature is added to the values (paper: 0.2)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.01, "tooltip": "Overall weight. 0 = the plain model, bit for bit."}),
+                "apply_to": (["cond and uncond", "cond only"], {"default": "cond and uncond", "tooltip": "Which half of the CFG batch receives the subject. 'cond only' strengthens the subject through CFG."}),
+            },
+            "optional": {
+                "schedule": (SCHEDULE, {"tooltip": "Weight over the steps (P3S Timestep Weight Scheduler). Without it: the paper's Eq. 10 curve."}),
+            },
+        }
+
+    def inject(self, model, adapter, reference, vae, clip_vision, lam, strength, apply_to, schedule=None):
+        import torch
+
+        from ..p3s_core import comfy_backend as backend
+        from ..p3s_core.schedule import P3SSchedule
+
+        backend.check_sd15(model)
+        backend.check_clip_vit_l(clip_vision)
+        schedule = schedule if schedule is not None else P3SSchedule()
+        latent, hidden = backend.encode_reference(model, vae, clip_vision, reference)
+        p = next(adapter.parameters())
+        with torch.no_grad():
+            i2 = adapter.encode_reference(latent.to(p.device, p.dtype), hidden.to(p.device, p.dtype))
+        patched, _ = backend.apply_injector(model, adapter, i2, schedule, lam=lam, strength=strength,
+                                            apply_to=apply_to)
+        return (patched,)

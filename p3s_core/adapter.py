@@ -1,0 +1,292 @@
+"""The P3S adapter: RNGR encoder (Eq. 4-5) + trainable copy with its zero convs (Eq. 6) + lambda (Eq. 7).
+
+File format (``FORMAT_VERSION`` 1, safetensors, never pickle), independent of ComfyUI so that a
+diffusers pipeline can load it too:
+
+* tensors ``encoder.*`` (:class:`~p3s_core.encoder.RNGREncoder`: ``zero_conv``, ``to_q``, ``to_k``,
+  ``to_v``) and ``copy.*`` (:class:`~p3s_core.copy_unet.P3SCopyUNet`, LDM sub-names, plus
+  ``copy.zero_convs.<layer key>``);
+* metadata (all strings): ``p3s_format_version`` ("1"), ``base_family`` ("sd15"), ``config``
+  (JSON of :class:`CopyUNetConfig`), ``encoder_config`` (JSON: latent_channels, clip_dim,
+  inner_dim), ``layer_map`` (JSON list, see :func:`~p3s_core.copy_unet.layer_map`), ``lambda``
+  (Eq. 7's lambda), ``training`` (JSON: settings and step count), ``base_unet_hash`` when known,
+  plus any caller-given extra keys.
+
+Decisions:
+
+* The training record is the attribute ``training_info`` (not ``training``): ``nn.Module.training``
+  is the train/eval flag and ``.train()``/``.eval()`` overwrite it on every submodule.
+* ``base_unet_hash`` is a cheap fingerprint (:func:`unet_fingerprint`), not a full hash of the
+  ~1.7 GB UNet: names, shapes and 256 evenly spaced values per tensor.
+* Loading builds the model on the meta device and assigns the file's tensors (no random init, no
+  double memory); the file's dtype is kept unless ``dtype`` is given.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .copy_unet import (CopyUNetConfig, P3SCopyUNet, init_from_ldm_unet, layer_map, ldm_key_map)
+from .encoder import RNGREncoder
+from .errors import AdapterFileError
+from .safe_io import atomic_save_safetensors, read_safetensors_header
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BASE_FAMILY",
+    "DEFAULT_LAMBDA",
+    "P3SAdapter",
+    "save_adapter",
+    "load_adapter",
+    "new_adapter",
+    "adapter_metadata",
+    "unet_fingerprint",
+]
+
+FORMAT_VERSION = 1
+BASE_FAMILY = "sd15"
+DEFAULT_LAMBDA = 0.2
+_RESERVED = ("p3s_format_version", "base_family", "config", "encoder_config", "layer_map",
+             "lambda", "training", "base_unet_hash")
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class P3SAdapter(nn.Module):
+    """``encoder`` (Eq. 4-5) + ``copy`` (Eq. 6, incl. zero convs) + ``config`` + ``lam`` (Eq. 7)
+    + ``training_info`` (settings, ``steps``) + ``base_unet_hash`` (or None)."""
+
+    def __init__(self, config: CopyUNetConfig | None = None, lam: float = DEFAULT_LAMBDA,
+                 training: Mapping[str, Any] | None = None, clip_dim: int = 1024,
+                 encoder_inner_dim: int = 64, base_unet_hash: str | None = None):
+        super().__init__()
+        self.config = config or CopyUNetConfig.sd15()
+        self.encoder = RNGREncoder(self.config.in_channels, clip_dim, encoder_inner_dim)
+        self.copy = P3SCopyUNet(self.config)
+        self.lam = float(lam)
+        self.training_info: dict[str, Any] = dict(training) if training else {"steps": 0}
+        self.base_unet_hash = base_unet_hash
+
+    @property
+    def layer_map(self) -> list[dict[str, Any]]:
+        """The 16 injection targets (see :func:`p3s_core.copy_unet.layer_map`)."""
+        return self.copy.layer_map
+
+    @property
+    def encoder_config(self) -> dict[str, int]:
+        return self.encoder.config()
+
+    def encode_reference(self, ref_latent: torch.Tensor, clip_hidden: torch.Tensor
+                         ) -> torch.Tensor:
+        """Eq. 4-5: I'' from the reference latent I' and the CLIP image hidden states."""
+        return self.encoder(ref_latent, clip_hidden)
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                ref: torch.Tensor | None = None, return_attn_map: bool = False
+                ) -> dict[str, torch.Tensor]:
+        """Eq. 6 features ``{layer key: [B, tokens, C]}`` (see :meth:`P3SCopyUNet.forward`)."""
+        return self.copy(x_t, timesteps, context, ref, return_attn_map=return_attn_map)
+
+
+def adapter_metadata(adapter: P3SAdapter) -> dict[str, str]:
+    """The safetensors metadata strings that describe ``adapter`` (see module docstring)."""
+    meta = {
+        "p3s_format_version": str(FORMAT_VERSION),
+        "base_family": BASE_FAMILY,
+        "config": _dumps(adapter.config.to_dict()),
+        "encoder_config": _dumps(adapter.encoder_config),
+        "layer_map": _dumps(adapter.layer_map),
+        "lambda": repr(float(adapter.lam)),
+        "training": _dumps(adapter.training_info),
+    }
+    if adapter.base_unet_hash:
+        meta["base_unet_hash"] = str(adapter.base_unet_hash)
+    return meta
+
+
+def save_adapter(adapter: P3SAdapter, path: str | os.PathLike,
+                 extra_metadata: Mapping[str, str] | None = None) -> Path:
+    """Save ``adapter`` atomically as safetensors (``encoder.*`` / ``copy.*`` + metadata).
+
+    ``extra_metadata`` (str -> str) is added; it may not override the P3S keys. Same adapter ->
+    same bytes. Returns the path written.
+    """
+    meta = adapter_metadata(adapter)
+    for k, v in (extra_metadata or {}).items():
+        if k in _RESERVED:
+            raise AdapterFileError("extra_metadata", f"key {k!r} is reserved for P3S",
+                                   "use another metadata key name")
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise AdapterFileError("extra_metadata", f"entry {k!r} is not a str -> str pair",
+                                   "convert metadata values to strings")
+        meta[k] = v
+    tensors = {k: v for k, v in adapter.state_dict().items()}
+    return atomic_save_safetensors(tensors, path, meta)
+
+
+def _json_meta(path, meta: Mapping[str, str], key: str):
+    if key not in meta:
+        raise AdapterFileError(str(path), f"the P3S metadata entry {key!r} is missing",
+                               "re-save the adapter with the P3S Trainer")
+    try:
+        return json.loads(meta[key])
+    except ValueError as exc:
+        raise AdapterFileError(str(path), f"the metadata entry {key!r} is not valid JSON",
+                               "re-save the adapter with the P3S Trainer") from exc
+
+
+def _names(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> P3SAdapter:
+    """Load and validate an adapter file; raises :class:`AdapterFileError` when it cannot be used.
+
+    Checks, in order: a real safetensors file (no pickle is ever opened), format version (newer ->
+    "update the pack"), base family (only ``sd15``), config, layer map equal to the one this
+    version expects, every tensor present with the expected shape and a float dtype, no extra
+    tensors. Reads tensors with ``safetensors.torch.load_file`` only. Returns the adapter in eval
+    mode on ``device`` (dtype of the file unless ``dtype`` is given).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta, infos = read_safetensors_header(path)
+    if "p3s_format_version" not in meta:
+        raise AdapterFileError(str(path), "this safetensors file is not a P3S adapter (no "
+                               "'p3s_format_version' metadata)",
+                               "select an adapter saved by the P3S Trainer (models/p3s)")
+    try:
+        version = int(meta["p3s_format_version"])
+    except ValueError as exc:
+        raise AdapterFileError(str(path), f"invalid format version "
+                               f"{meta['p3s_format_version']!r}", "re-train the adapter") from exc
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(str(path), f"the adapter was made by a newer P3S version (format "
+                               f"{version}; this pack reads up to {FORMAT_VERSION})",
+                               "update the pack (P3S for ComfyUI) to load it")
+    if version < 1:
+        raise AdapterFileError(str(path), f"invalid format version {version}",
+                               "re-train the adapter")
+    family = meta.get("base_family")
+    if family != BASE_FAMILY:
+        raise AdapterFileError(str(path), f"the adapter is for base model family {family!r}, but "
+                               f"this pack is SD1.5 ('{BASE_FAMILY}') only",
+                               "use an adapter trained on an SD1.5 model")
+    config = CopyUNetConfig.from_dict(_json_meta(path, meta, "config"))
+    enc = _json_meta(path, meta, "encoder_config")
+    if (not isinstance(enc, dict) or set(enc) != {"latent_channels", "clip_dim", "inner_dim"}
+            or not all(isinstance(v, int) and v > 0 for v in enc.values())
+            or enc["latent_channels"] != config.in_channels):
+        raise AdapterFileError(str(path), f"invalid encoder_config {enc!r}", "re-train the adapter")
+    stored_map = _json_meta(path, meta, "layer_map")
+    expected_map = json.loads(_dumps(layer_map(config)))
+    if stored_map != expected_map:
+        raise AdapterFileError(str(path), "its layer map differs from the 16 SD1.5 self-attention "
+                               "layers this P3S version injects into",
+                               "re-train the adapter with this version of the pack")
+    try:
+        lam = float(meta.get("lambda", str(0.2)))
+    except ValueError as exc:
+        raise AdapterFileError(str(path), f"invalid lambda {meta.get('lambda')!r}",
+                               "re-train the adapter") from exc
+    if not math.isfinite(lam):
+        raise AdapterFileError(str(path), f"lambda is {lam}", "re-train the adapter")
+    training = _json_meta(path, meta, "training") if "training" in meta else {"steps": 0}
+    if not isinstance(training, dict):
+        raise AdapterFileError(str(path), "the training record is not a JSON object",
+                               "re-train the adapter")
+
+    with torch.device("meta"):
+        adapter = P3SAdapter(config, lam, training, enc["clip_dim"], enc["inner_dim"],
+                             meta.get("base_unet_hash"))
+    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    missing = set(expected) - set(infos)
+    extra = set(infos) - set(expected)
+    if missing:
+        raise AdapterFileError(str(path), f"{len(missing)} tensors are missing: {_names(missing)}",
+                               "the file is incomplete; re-save or re-train the adapter")
+    if extra:
+        raise AdapterFileError(str(path), f"{len(extra)} unexpected tensors: {_names(extra)}",
+                               "the file does not match this P3S version; re-train the adapter")
+    bad = [f"{k} {tuple(infos[k]['shape'])} (expected {expected[k]})" for k in sorted(expected)
+           if tuple(infos[k]["shape"]) != expected[k]]
+    if bad:
+        raise AdapterFileError(str(path), f"{len(bad)} tensors have the wrong shape, e.g. "
+                               f"{'; '.join(bad[:3])}", "re-train the adapter")
+    not_float = [k for k in infos if infos[k]["dtype"] not in _FLOAT_DTYPES]
+    if not_float:
+        raise AdapterFileError(str(path), f"tensors with a non-float dtype: {_names(not_float)}",
+                               "re-train the adapter")
+    dev = str(torch.device(device))
+    try:
+        sd = load_file(str(path), device=dev)
+    except Exception as exc:  # SafetensorError and OS errors
+        raise AdapterFileError(str(path), f"the tensors cannot be read ({exc})",
+                               "re-save or re-train the adapter") from exc
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    adapter.load_state_dict(sd, strict=True, assign=True)
+    return adapter.eval()
+
+
+def unet_fingerprint(unet_state_dict: Mapping[str, torch.Tensor], keys=None) -> str:
+    """Cheap fingerprint of base UNet weights: sha256 over sorted (name, shape, 256 evenly spaced
+    values rounded to float16) of ``keys`` (default: all). Independent of the storage dtype as
+    long as the values round to the same float16. Returns ``"p3sfp1:<hex>"``."""
+    h = hashlib.sha256()
+    for k in sorted(keys if keys is not None else unet_state_dict.keys()):
+        t = unet_state_dict[k]
+        h.update(k.encode("utf-8"))
+        h.update(repr(tuple(t.shape)).encode("ascii"))
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        if n:
+            idx = torch.linspace(0, n - 1, steps=min(n, 256), device=flat.device).round().long()
+            vals = flat[idx].to("cpu", torch.float16).contiguous()
+            h.update(vals.view(torch.uint8).numpy().tobytes())
+    return "p3sfp1:" + h.hexdigest()
+
+
+def new_adapter(config: CopyUNetConfig | None = None,
+                unet_state_dict: Mapping[str, torch.Tensor] | None = None,
+                lam: float = DEFAULT_LAMBDA, seed: int = 0, *, unet_prefix: str = "",
+                clip_dim: int = 1024, encoder_inner_dim: int = 64,
+                training: Mapping[str, Any] | None = None) -> P3SAdapter:
+    """Build a fresh adapter, deterministic for ``seed`` (the global RNG is left untouched).
+
+    With ``unet_state_dict`` (LDM names, ``unet_prefix`` e.g. ``"model.diffusion_model."``) the
+    copy is initialised from the base UNet (:func:`init_from_ldm_unet`, ControlNet-style) and
+    ``base_unet_hash`` is set to :func:`unet_fingerprint` of the copied tensors; zero convs are
+    zero either way. Without it the copy keeps PyTorch's default random init.
+    """
+    config = config or CopyUNetConfig.sd15()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        if unet_state_dict is None:
+            return P3SAdapter(config, lam, training, clip_dim, encoder_inner_dim)
+        # Every copy tensor is overwritten from the UNet: skip the random init of the copy.
+        with torch.device("meta"):
+            adapter = P3SAdapter(config, lam, training, clip_dim, encoder_inner_dim)
+        adapter.encoder = RNGREncoder(config.in_channels, clip_dim, encoder_inner_dim)
+    adapter.copy.to_empty(device="cpu")
+    for conv in adapter.copy.zero_convs.values():
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+    init_from_ldm_unet(adapter.copy, unet_state_dict, unet_prefix)
+    keys = list(ldm_key_map(adapter.copy, unet_prefix).values())
+    adapter.base_unet_hash = unet_fingerprint(unet_state_dict, keys)
+    return adapter

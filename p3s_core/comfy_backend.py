@@ -1,0 +1,273 @@
+"""The only module that touches ComfyUI internals (imported lazily, inside functions).
+
+ComfyUI APIs this pack relies on, all present in 0.3.75 and 0.33 (look here when upstream changes):
+- ``ModelPatcher.clone()``, ``set_model_attn1_patch(fn)`` (a chained list),
+  ``add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, key, fn)``, ``set_additional_models(key, [...])``,
+  ``get_model_object("model_sampling")``, ``model.model.model_config.unet_config``;
+- ``model_sampling.percent_to_sigma(p)``, ``model_sampling.timestep(sigma)``;
+- the attn1 patch signature ``fn(n, context, value, extra_options)`` with ``extra_options`` holding
+  ``block``, ``block_index``, ``cond_or_uncond``, ``sigmas``, ``original_shape`` and any key added to
+  ``transformer_options`` by a diffusion-model wrapper;
+- the DIFFUSION_MODEL wrapper signature ``fn(executor, x, timesteps, context, y, control,
+  transformer_options, **kwargs)`` where ``x`` is the UNet input and ``timesteps`` the 0..999 index;
+- ``comfy.model_patcher.ModelPatcher`` and ``comfy.model_management`` to load the adapter;
+- ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ImageInputError, ModelMismatchError
+from .injection import DEFAULT_LAMBDA, injected_context_value
+
+APPLY_TO = ("cond and uncond", "cond only")
+CLIP_VIT_L = {"hidden": 1024, "patch": 14, "image_size": 224, "tokens": 257}
+
+
+# --- model checks ------------------------------------------------------------------------------
+def check_sd15(model, input_name: str = "model") -> None:
+    """Refuse anything that is not an SD1.5-family UNet (320 channels, context 768, no ADM)."""
+    cfg = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", None)
+    if cfg is None:
+        raise ModelMismatchError(input_name, "this is not a ComfyUI MODEL with a UNet",
+                                 "connect the MODEL output of a Load Checkpoint node with an SD1.5 checkpoint")
+    ctx, ch, adm = cfg.get("context_dim"), cfg.get("model_channels"), cfg.get("adm_in_channels")
+    if ctx != 768 or ch != 320 or adm is not None or cfg.get("use_linear_in_transformer"):
+        family = {2048: "SDXL", 1024: "SD2.x", 4096: "a DiT (Flux/SD3)"}.get(ctx, "not SD1.5")
+        raise ModelMismatchError(
+            input_name,
+            f"the model is {family} (context_dim={ctx}, model_channels={ch}); P3S adapters are made for SD1.5",
+            "load an SD1.5 checkpoint (or an SD1.5 fine-tune) and connect its MODEL here")
+
+
+def check_clip_vit_l(clip_vision, input_name: str = "clip_vision") -> None:
+    """Refuse CLIP vision models other than ViT-L/14 at 224 (the paper's encoder, Sec. IV-A)."""
+    model = getattr(clip_vision, "model", None)
+    emb = getattr(getattr(getattr(model, "vision_model", None), "embeddings", None), "patch_embedding", None)
+    w = getattr(emb, "weight", None)
+    size = getattr(clip_vision, "image_size", None)
+    if w is None or tuple(w.shape[:1]) != (CLIP_VIT_L["hidden"],) or w.shape[-1] != CLIP_VIT_L["patch"] \
+            or size != CLIP_VIT_L["image_size"]:
+        found = "unknown" if w is None else f"width {w.shape[0]}, patch {w.shape[-1]}, image {size}"
+        raise ModelMismatchError(
+            input_name, f"the CLIP vision model is not OpenAI CLIP ViT-L/14 ({found})",
+            "load clip-vit-large-patch14 (ViT-L/14, 224 px) with a Load CLIP Vision node")
+
+
+# --- reference encoding ------------------------------------------------------------------------
+def clip_patch_tokens(clip_vision, images: torch.Tensor) -> torch.Tensor:
+    """CLIP ViT-L/14 last hidden states [N, 257, 1024] of already-square 224x224 IMAGE tensors."""
+    import comfy.model_management as mm
+
+    out = clip_vision.encode_image(images, crop=False)
+    return out["last_hidden_state"].to(mm.intermediate_device()).float()
+
+
+def letterboxed_batch(images: torch.Tensor):
+    """Letterbox each image to a 224 square (no crop, Eq. 1 must see the whole image)."""
+    from .rngr import letterbox
+
+    squares, boxes = [], []
+    for i in range(images.shape[0]):
+        sq, box = letterbox(images[i, :, :, :3].float().cpu().numpy(), size=CLIP_VIT_L["image_size"])
+        squares.append(torch.from_numpy(sq))
+        boxes.append(box)
+    return torch.stack(squares), boxes
+
+
+def encode_reference(model, vae, clip_vision, images: torch.Tensor):
+    """(I'_latent in the model's latent space [N,4,h,w], CLIP last hidden state [N,257,1024])."""
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] < 3:
+        raise ImageInputError("reference", f"expected an IMAGE batch [B,H,W,3], got {tuple(images.shape)}",
+                              "connect the cleaned IMAGE output of P3S RNGR Mask + Inpaint (or a Load Image)")
+    rgb = images[..., :3]
+    latent = vae.encode(rgb)
+    latent = model.model.process_latent_in(latent).float()
+    squares, _ = letterboxed_batch(rgb)
+    hidden = clip_patch_tokens(clip_vision, squares)
+    return latent, hidden
+
+
+# --- the patch -----------------------------------------------------------------------------------
+def _layer_key(extra_options) -> str:
+    from .copy_unet import layer_key
+
+    return layer_key(extra_options["block"], extra_options.get("block_index", 0))
+
+
+def _resize_tokens(f: torch.Tensor, n_tokens: int, original_shape) -> torch.Tensor:
+    """Resize a [B, T, C] token map to ``n_tokens`` when another patch changed the layer's grid."""
+    h0, w0 = int(original_shape[-2]), int(original_shape[-1])
+    b, t, c = f.shape
+    scale = (h0 * w0 / t) ** 0.5
+    hs, ws = max(1, round(h0 / scale)), max(1, round(w0 / scale))
+    scale_n = (h0 * w0 / n_tokens) ** 0.5
+    hn, wn = max(1, round(h0 / scale_n)), max(1, round(w0 / scale_n))
+    if hs * ws != t or hn * wn != n_tokens:
+        return None
+    grid = f.transpose(1, 2).reshape(b, c, hs, ws)
+    grid = torch.nn.functional.interpolate(grid, size=(hn, wn), mode="bilinear", align_corners=False)
+    return grid.flatten(2).transpose(1, 2)
+
+
+@dataclass
+class _Bank:
+    """Per-step features of one injector, passed down in ``transformer_options`` (never stored)."""
+    features: dict
+    weight: float
+    active: torch.Tensor | None
+    lam: float
+
+
+class P3SInjectorPatch:
+    """The attn1 patch (Eq. 7-8) and the per-step DIFFUSION_MODEL wrapper (Eq. 6, 9-10) of one adapter.
+
+    The wrapper runs the trainable copy once per sampling step and hands its 16 features to the
+    attn1 patch through a per-call copy of ``transformer_options`` under ``self.key``; nothing
+    per-run is stored on this object, so clones sharing it stay independent. ``to()`` returns
+    ``self`` (ComfyUI would otherwise cast a patch module to the UNet's fp16); the adapter is moved
+    by ComfyUI's model management through :meth:`models` / ``set_additional_models``.
+    """
+
+    def __init__(self, adapter, i2: torch.Tensor | None, schedule, lam: float = DEFAULT_LAMBDA,
+                 strength: float = 1.0, apply_to: str = "cond and uncond", model_sampling=None,
+                 feature_hook=None):
+        if apply_to not in APPLY_TO:
+            raise ValueError(f"apply_to must be one of {APPLY_TO}")
+        self.key = f"p3s_{uuid.uuid4().hex[:12]}"
+        self.adapter = adapter
+        self.i2 = i2
+        self.schedule = schedule
+        self.lam = float(lam)
+        self.strength = float(strength)
+        self.apply_to = apply_to
+        self.feature_hook = feature_hook  # training: sees the copy's outputs (attention map)
+        self.num_timesteps = 1000
+        self.sigma_start = self.sigma_end = None
+        if model_sampling is not None:
+            self.num_timesteps = int(getattr(model_sampling, "num_timesteps", len(model_sampling.sigmas)))
+            if schedule is not None:
+                self.sigma_start = float(model_sampling.percent_to_sigma(schedule.start_percent))
+                self.sigma_end = float(model_sampling.percent_to_sigma(schedule.end_percent))
+        self._patcher = None
+
+    # ComfyUI calls these ------------------------------------------------------------------------
+    def to(self, *args, **kwargs):
+        return self
+
+    def models(self):
+        return [self.adapter_patcher()]
+
+    def adapter_patcher(self):
+        if self._patcher is None:
+            import comfy.model_management as mm
+            import comfy.model_patcher
+
+            self._patcher = comfy.model_patcher.ModelPatcher(
+                self.adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        return self._patcher
+
+    # the weight of this step ---------------------------------------------------------------------
+    def step_weight(self, sigma: float, timestep: float) -> float:
+        """Eq. 9-10: eps_t times strength, 0 outside the start/end window (ComfyUI's sigma idiom)."""
+        if self.strength == 0.0:
+            return 0.0
+        if self.schedule is None:
+            return self.strength
+        if self.sigma_start is not None and not (self.sigma_end <= sigma <= self.sigma_start):
+            return 0.0
+        from .schedule import timestep_to_t_over_T
+
+        t_over_T = timestep_to_t_over_T(min(max(timestep, 0.0), self.num_timesteps - 1), self.num_timesteps)
+        return float(self.schedule.curve(t_over_T)) * self.strength
+
+    def _active_rows(self, batch: int, cond_or_uncond) -> torch.Tensor | None:
+        if self.apply_to == "cond and uncond" or not cond_or_uncond:
+            return None
+        chunk = batch // len(cond_or_uncond)
+        rows = [c == 0 for c in cond_or_uncond for _ in range(chunk)]
+        return torch.tensor(rows, dtype=torch.bool)
+
+    def diffusion_wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        sigmas = transformer_options.get("sigmas")
+        sigma = float(sigmas.max()) if sigmas is not None else float("inf")
+        weight = self.step_weight(sigma, float(timesteps.max()))
+        if weight == 0.0:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        active = self._active_rows(x.shape[0], transformer_options.get("cond_or_uncond"))
+        if active is not None and not bool(active.any()):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        feats = self.copy_features(x, timesteps, context)
+        options = dict(transformer_options)
+        options[self.key] = _Bank(features=feats, weight=weight, active=active, lam=self.lam)
+        return executor(x, timesteps, context, y, control, options, **kwargs)
+
+    def copy_features(self, x, timesteps, context):
+        """Eq. 6 once per step: the copy on x_t + I'' (I'' resized to x_t and batched)."""
+        from .encoder import prepare_reference
+
+        p = next(self.adapter.parameters())
+        dev, dt = p.device, p.dtype
+        ref = None
+        if self.i2 is not None:
+            ref = prepare_reference(self.i2.to(dev, dt), x.shape[0], tuple(x.shape[-2:]))
+        out = self.adapter.copy(x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt), ref,
+                                return_attn_map=self.feature_hook is not None)
+        if self.feature_hook is not None:
+            self.feature_hook(out)
+        return out
+
+    def __call__(self, n, context_attn1, value_attn1, extra_options):
+        bank = extra_options.get(self.key)
+        if bank is None:
+            return n, context_attn1, value_attn1
+        f = bank.features.get(_layer_key(extra_options))
+        if f is None:
+            return n, context_attn1, value_attn1
+        f = f.to(device=n.device, dtype=n.dtype)
+        if f.shape[0] != n.shape[0]:
+            raise ModelMismatchError(
+                "model", f"another patch changed the batch inside self-attention ({f.shape[0]} -> {n.shape[0]} rows)",
+                "put the P3S Condition Injector after that node, or remove it from this graph")
+        if f.shape[1] != n.shape[1]:
+            resized = _resize_tokens(f, n.shape[1], extra_options.get("original_shape", ()))
+            if resized is None:
+                raise ModelMismatchError(
+                    "model", f"self-attention has {n.shape[1]} tokens but the P3S feature has {f.shape[1]}",
+                    "remove the node that changes the UNet's internal resolution, or apply P3S before it")
+            f = resized
+        active = bank.active.to(n.device) if bank.active is not None else None
+        if context_attn1 is n and value_attn1 is n:
+            context, value = injected_context_value(n, f, bank.weight, bank.lam, active)
+            return n, context, value
+        # Chained after another patch that already extended K/V: append our tokens (Eq. 7 on z's part).
+        wf = f * bank.weight
+        if active is not None:
+            wf = wf * active.to(wf.dtype).view(-1, 1, 1)
+        tokens = n.shape[1]
+        value = value_attn1.clone()
+        value[:, :tokens] = value[:, :tokens] + bank.lam * wf
+        return n, torch.cat([context_attn1, wf], dim=1), torch.cat([value, wf], dim=1)
+
+
+def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.0,
+                   apply_to="cond and uncond", feature_hook=None):
+    """A ``model.clone()`` with the P3S attn1 patch and per-step wrapper installed (chaining-safe)."""
+    import comfy.patcher_extension as pe
+
+    check_sd15(model)
+    m = model.clone()
+    patch = P3SInjectorPatch(adapter, i2, schedule, lam=lam, strength=strength, apply_to=apply_to,
+                             model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook)
+    m.set_model_attn1_patch(patch)
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, patch.key, patch.diffusion_wrapper)
+    m.set_additional_models(patch.key, [patch.adapter_patcher()])
+    return m, patch
+
+
+def base_unet_state_dict(model) -> dict:
+    """The SD1.5 UNet weights (LDM names, no prefix) of a ComfyUI MODEL, for the copy's init."""
+    return model.get_model_object("diffusion_model").state_dict()

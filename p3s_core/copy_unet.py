@@ -1,0 +1,532 @@
+"""Trainable copy of a simplified SD1.5 UNet (paper Sec. III-B, Eq. 6).
+
+    f_i = Z_i(F_i(x_t + I'', c, t))                                                    (6)
+
+The copy keeps the encoder half of the SD1.5 UNet with ONE ResNet block per level ("a simplified
+U-Net with only one ResNet block in each block"), in the original LDM module names so that it can be
+initialised from the base UNet ControlNet-style (:func:`init_from_ldm_unet`):
+
+=========  =======================  ==========  ===============================================
+level      modules                  width (sd)  initialised from (LDM ``model.diffusion_model``)
+=========  =======================  ==========  ===============================================
+(stem)     ``time_embed``           1280        ``time_embed``
+(stem)     ``conv_in``              320         ``input_blocks.0.0``
+0  (/1)    ``levels.0.res/.st``     320         ``input_blocks.1.0`` / ``input_blocks.1.1``
+           ``downs.0.op``                       ``input_blocks.3.0.op``
+1  (/2)    ``levels.1.res/.st``     640         ``input_blocks.4.0`` / ``input_blocks.4.1``
+           ``downs.1.op``                       ``input_blocks.6.0.op``
+2  (/4)    ``levels.2.res/.st``     1280        ``input_blocks.7.0`` / ``input_blocks.7.1``
+           ``downs.2.op``                       ``input_blocks.9.0.op``
+3  (/8)    ``middle.res/.st``       1280        ``middle_block.0`` / ``middle_block.1``
+=========  =======================  ==========  ===============================================
+
+``F_level`` is the output of the level's SpatialTransformer (before the downsample). Each of the 16
+self-attention (attn1) layers of the original UNet takes the copy feature of the level with the same
+resolution and width through ITS OWN zero-initialised 1x1 conv ``zero_convs.<key>`` (see
+:data:`LAYER_MAP`): input 1,2 & output 9,10,11 <- level 0; input 4,5 & output 6,7,8 <- level 1;
+input 7,8 & output 3,4,5 <- level 2; middle <- level 3. Decision: the paper does not say which copy
+layer feeds which original layer; this keeps levels and widths, so one copy feature can feed the
+encoder- and decoder-side layers of that level. All 16 features are exactly zero at initialisation.
+
+Odd latent sizes: the stride-2 downsample uses padding 1 like LDM, so level sizes are
+``ceil(h / 2**level)``, the same as the original UNet's (its decoder upsamples back to those sizes).
+
+Parameter count (``count_parameters(P3SCopyUNet(CopyUNetConfig.sd15()))``): 179,614,400, of which
+the 16 zero convs hold 12,402,880 (about 718 MB in float32; the SD1.5 UNet has 859.5 M).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterFileError, ModelMismatchError
+
+__all__ = [
+    "CopyUNetConfig",
+    "LAYER_MAP",
+    "ATTN_MAP_KEY",
+    "layer_map",
+    "layer_key",
+    "timestep_embedding",
+    "ResBlock",
+    "CrossAttention",
+    "BasicTransformerBlock",
+    "SpatialTransformer",
+    "Downsample",
+    "P3SCopyUNet",
+    "ldm_key_map",
+    "init_from_ldm_unet",
+    "count_parameters",
+]
+
+#: Key of the cross-attention map in the dict returned by ``P3SCopyUNet(..., return_attn_map=True)``.
+ATTN_MAP_KEY = "attn_map"
+
+
+@dataclass(frozen=True)
+class CopyUNetConfig:
+    """Shape of the copy. ``channel_mult`` gives the widths of levels 0, 1, 2 (``mc * mult``); the
+    middle level has the width of level 2. Exactly three levels + middle (the SD1.5 structure)."""
+
+    in_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    context_dim: int = 768
+    num_heads: int = 8
+    time_embed_dim: int = 1280
+    groups: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
+        problems = []
+        if len(self.channel_mult) != 3:
+            problems.append(f"channel_mult must have 3 entries (SD1.5 levels), got "
+                            f"{self.channel_mult}")
+        for name in ("in_channels", "model_channels", "context_dim", "num_heads",
+                     "time_embed_dim", "groups"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1")
+        if not problems:
+            for c in self.level_channels:
+                if c % self.groups:
+                    problems.append(f"width {c} is not divisible by groups={self.groups}")
+                if c % self.num_heads:
+                    problems.append(f"width {c} is not divisible by num_heads={self.num_heads}")
+            if self.model_channels % 2:
+                problems.append("model_channels must be even (sinusoidal timestep embedding)")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            problems.append("dropout must be in [0, 1)")
+        if problems:
+            raise AdapterFileError("copy config", "; ".join(problems),
+                                   "use CopyUNetConfig.sd15() or a consistent custom config")
+
+    @property
+    def level_channels(self) -> tuple[int, int, int, int]:
+        """Widths of levels 0, 1, 2 and the middle level (3)."""
+        c = [self.model_channels * m for m in self.channel_mult]
+        return (c[0], c[1], c[2], c[2])
+
+    @classmethod
+    def sd15(cls) -> "CopyUNetConfig":
+        """The SD1.5 copy: widths 320/640/1280/1280, 8 heads, context 768."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "CopyUNetConfig":
+        """A few-channel copy for tests: widths 32/64/128/128, 2 heads, context 32."""
+        return cls(model_channels=32, num_heads=2, context_dim=32, time_embed_dim=128, groups=8)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (lists instead of tuples)."""
+        d = dataclasses.asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CopyUNetConfig":
+        """Inverse of :meth:`to_dict`; unknown or ill-typed keys raise :class:`AdapterFileError`."""
+        if not isinstance(d, Mapping):
+            raise AdapterFileError("copy config", f"expected a JSON object, got {type(d).__name__}",
+                                   "re-save the adapter with this P3S version")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise AdapterFileError("copy config", f"unknown fields {unknown}",
+                                   "update the P3S pack or re-train the adapter")
+        kwargs: dict[str, Any] = {}
+        try:
+            for k, v in d.items():
+                if k == "channel_mult":
+                    kwargs[k] = tuple(int(x) for x in v)
+                elif k == "dropout":
+                    kwargs[k] = float(v)
+                else:
+                    if isinstance(v, bool) or int(v) != v:
+                        raise ValueError(f"{k}={v!r} is not an integer")
+                    kwargs[k] = int(v)
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError("copy config", f"invalid value ({exc})",
+                                   "re-save the adapter with this P3S version") from exc
+        return cls(**kwargs)
+
+
+_ORIGINAL_ATTN1 = (
+    [("input", 1, 0), ("input", 2, 0), ("input", 4, 1), ("input", 5, 1), ("input", 7, 2),
+     ("input", 8, 2), ("middle", 0, 3)]
+    + [("output", i, 2) for i in (3, 4, 5)]
+    + [("output", i, 1) for i in (6, 7, 8)]
+    + [("output", i, 0) for i in (9, 10, 11)]
+)
+
+
+def layer_key(block: Sequence[Any], transformer_index: int = 0) -> str:
+    """ComfyUI ``extra_options["block"]`` (e.g. ``("input", 4)``) -> layer-map key ``"input_4"``.
+
+    ``transformer_index`` is 0 for all SD1.5 layers (depth 1); other indices get a ``_t<i>`` suffix
+    and so match no entry of the layer map.
+    """
+    key = f"{block[0]}_{int(block[1])}"
+    return key if int(transformer_index) == 0 else f"{key}_t{int(transformer_index)}"
+
+
+def layer_map(config: CopyUNetConfig | None = None) -> list[dict[str, Any]]:
+    """The 16 SD1.5 self-attention targets, in UNet execution order, as JSON-friendly dicts:
+    ``{"key", "block": [name, id], "transformer_index", "level" (0..2, 3 = middle),
+    "downscale" (1, 2, 4, 8), "channels"}``."""
+    config = config or CopyUNetConfig.sd15()
+    out = []
+    for name, idx, level in _ORIGINAL_ATTN1:
+        out.append({"key": layer_key((name, idx)), "block": [name, idx], "transformer_index": 0,
+                    "level": level, "downscale": 2 ** level,
+                    "channels": config.level_channels[level]})
+    return out
+
+
+#: The SD1.5 layer map (see :func:`layer_map`).
+LAYER_MAP: list[dict[str, Any]] = layer_map(CopyUNetConfig.sd15())
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0
+                       ) -> torch.Tensor:
+    """LDM sinusoidal embedding [B] -> [B, dim]: ``cat([cos(t f), sin(t f)])`` with
+    ``f_j = exp(-ln(max_period) j / (dim/2))``, computed in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class ResBlock(nn.Module):
+    """LDM ResBlock: ``skip(x) + out_layers(in_layers(x) + emb_layers(emb))`` (keys as LDM)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
+                 groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(),
+                                        nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[..., None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """LDM attention: ``to_q``/``to_k``/``to_v`` (no bias), ``to_out.0`` (bias); heads split the
+    width. ``forward(..., return_probs=True)`` also returns the head-averaged probabilities
+    ``softmax(QK^T/sqrt(d))`` [B, Nq, Nk]."""
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
+                 dim_head: int = 64, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads, self.dim_head = heads, dim_head
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                return_probs: bool = False):
+        context = x if context is None else context
+        q, k, v = (self._split(self.to_q(x)), self._split(self.to_k(context)),
+                   self._split(self.to_v(context)))
+        probs = None
+        if return_probs:
+            probs = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(self.dim_head),
+                                  dim=-1)
+            out = probs.to(v.dtype) @ v
+            probs = probs.mean(dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        b, _, n, _ = out.shape
+        out = self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+        return (out, probs) if return_probs else out
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(_GEGLU(dim, dim * mult), nn.Dropout(dropout),
+                                 nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """LDM block: self-attention, cross-attention to the text context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        d_head = dim // heads
+        self.attn1 = CrossAttention(dim, None, heads, d_head, dropout)
+        self.ff = _FeedForward(dim, 4, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, d_head, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False):
+        x = self.attn1(self.norm1(x)) + x
+        probs = None
+        if return_attn:
+            a, probs = self.attn2(self.norm2(x), context, return_probs=True)
+        else:
+            a = self.attn2(self.norm2(x), context)
+        x = a + x
+        x = self.ff(self.norm3(x)) + x
+        return (x, probs) if return_attn else x
+
+
+class SpatialTransformer(nn.Module):
+    """LDM SpatialTransformer (conv proj_in/proj_out, depth 1): ``x + proj_out(blocks(proj_in(norm x)))``."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, heads, context_dim, dropout)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False):
+        b, c, h, w = x.shape
+        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        probs = None
+        for blk in self.transformer_blocks:
+            if return_attn:
+                t, probs = blk(t, context, return_attn=True)
+            else:
+                t = blk(t, context)
+        out = x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
+        return (out, probs) if return_attn else out
+
+
+class Downsample(nn.Module):
+    """LDM Downsample: ``op`` = Conv3x3, stride 2, padding 1 (output size ceil(h/2))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class _Level(nn.Module):
+    def __init__(self, cin: int, cout: int, cfg: CopyUNetConfig):
+        super().__init__()
+        self.res = ResBlock(cin, cfg.time_embed_dim, cout, cfg.groups, cfg.dropout)
+        self.st = SpatialTransformer(cout, cfg.num_heads, cfg.context_dim, cfg.groups, cfg.dropout)
+
+
+def _zero_conv(channels: int) -> nn.Conv2d:
+    conv = nn.Conv2d(channels, channels, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class P3SCopyUNet(nn.Module):
+    """Eq. 6: the trainable copy. ``forward`` returns ``{layer key: f_i [B, h_l*w_l, C_l]}``.
+
+    Tokens are in ComfyUI's layout (row-major ``(h w)``, as ``b c h w -> b (h w) c``), ready to be
+    concatenated with the normed hidden states ``n`` of that self-attention layer (Eq. 7).
+    """
+
+    def __init__(self, config: CopyUNetConfig | None = None):
+        super().__init__()
+        cfg = config or CopyUNetConfig.sd15()
+        self.config = cfg
+        mc, ted = cfg.model_channels, cfg.time_embed_dim
+        ch = cfg.level_channels
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.levels = nn.ModuleList([_Level(mc, ch[0], cfg), _Level(ch[0], ch[1], cfg),
+                                     _Level(ch[1], ch[2], cfg)])
+        self.downs = nn.ModuleList([Downsample(ch[0]), Downsample(ch[1]), Downsample(ch[2])])
+        self.middle = _Level(ch[2], ch[3], cfg)
+        self.layer_map = layer_map(cfg)
+        self.zero_convs = nn.ModuleDict({e["key"]: _zero_conv(e["channels"])
+                                         for e in self.layer_map})
+
+    def level_features(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                       ref: torch.Tensor | None = None, return_attn_map: bool = False):
+        """``F_level(x_t + I'', c, t)`` for the 4 levels: list of [B, C_l, h_l, w_l] (before the
+        zero convs); with ``return_attn_map`` also the level-0 attn2 map [B, h*w, tokens]."""
+        cfg = self.config
+        if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
+            raise ModelMismatchError("latent", f"expected [B, {cfg.in_channels}, h, w], got "
+                                     f"{tuple(x_t.shape)}", "use an SD1.5 (4-channel) latent")
+        b = x_t.shape[0]
+        if ref is not None:
+            if ref.shape != x_t.shape:
+                raise ModelMismatchError(
+                    "reference", f"I'' of shape {tuple(ref.shape)} does not match x_t "
+                    f"{tuple(x_t.shape)}", "resize/expand it with encoder.prepare_reference")
+            x_t = x_t + ref.to(x_t.dtype)
+        if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.context_dim:
+            raise ModelMismatchError(
+                "conditioning", f"expected text context [{b}, tokens, {cfg.context_dim}], got "
+                f"{tuple(context.shape)}", "use an SD1.5 text encoder (CLIP ViT-L, 768 wide)")
+        timesteps = torch.as_tensor(timesteps, device=x_t.device).reshape(-1)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(b)
+        dtype = self.conv_in.weight.dtype
+        temb = timestep_embedding(timesteps, cfg.model_channels).to(dtype)
+        emb = self.time_embed(temb)
+        h = self.conv_in(x_t.to(dtype))
+        context = context.to(dtype)
+        feats, amap = [], None
+        for i, (level, down) in enumerate(zip(self.levels, self.downs)):
+            h = level.res(h, emb)
+            if i == 0 and return_attn_map:
+                h, amap = level.st(h, context, return_attn=True)
+            else:
+                h = level.st(h, context)
+            feats.append(h)
+            h = down(h)
+        h = self.middle.res(h, emb)
+        h = self.middle.st(h, context)
+        feats.append(h)
+        return (feats, amap) if return_attn_map else feats
+
+    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                ref: torch.Tensor | None = None, return_attn_map: bool = False
+                ) -> dict[str, torch.Tensor]:
+        """Eq. 6 for all 16 layers. ``x_t`` [B,4,h,w], ``timesteps`` [B] (0..999, float),
+        ``context`` [B,77,768], ``ref`` = I'' [B,4,h,w] (already at x_t's size; None = no
+        reference). Returns ``{key: [B, h_l*w_l, C_l]}``; with ``return_attn_map`` the dict also
+        holds ``ATTN_MAP_KEY`` -> the level-0 transformer's attn2 probabilities averaged over heads
+        [B, h*w, 77]. That copy layer (320 wide, full latent resolution) is the counterpart of the
+        original UNet's LAST cross-attention layer (``output_blocks.11``), used by the attention
+        consistency loss (Eq. 11-13)."""
+        res = self.level_features(x_t, timesteps, context, ref, return_attn_map)
+        feats, amap = res if return_attn_map else (res, None)
+        out: dict[str, torch.Tensor] = {}
+        for e in self.layer_map:
+            f = self.zero_convs[e["key"]](feats[e["level"]])
+            out[e["key"]] = f.flatten(2).transpose(1, 2)
+        if return_attn_map:
+            out[ATTN_MAP_KEY] = amap
+        return out
+
+
+_LDM_PREFIXES = [
+    ("time_embed.", "time_embed."),
+    ("conv_in.", "input_blocks.0.0."),
+    ("levels.0.res.", "input_blocks.1.0."),
+    ("levels.0.st.", "input_blocks.1.1."),
+    ("downs.0.", "input_blocks.3.0."),
+    ("levels.1.res.", "input_blocks.4.0."),
+    ("levels.1.st.", "input_blocks.4.1."),
+    ("downs.1.", "input_blocks.6.0."),
+    ("levels.2.res.", "input_blocks.7.0."),
+    ("levels.2.st.", "input_blocks.7.1."),
+    ("downs.2.", "input_blocks.9.0."),
+    ("middle.res.", "middle_block.0."),
+    ("middle.st.", "middle_block.1."),
+]
+
+
+def ldm_key_map(copy: P3SCopyUNet, prefix: str = "") -> dict[str, str]:
+    """``{copy state-dict key: LDM UNet key}`` for every copy tensor except the zero convs."""
+    out = {}
+    for k in copy.state_dict():
+        if k.startswith("zero_convs."):
+            continue
+        for cp, lp in _LDM_PREFIXES:
+            if k.startswith(cp):
+                out[k] = prefix + lp + k[len(cp):]
+                break
+        else:  # pragma: no cover - guarded by the module structure
+            raise RuntimeError(f"copy key {k!r} has no LDM counterpart")
+    return out
+
+
+def _family_hint(sd: Mapping[str, torch.Tensor], prefix: str) -> str:
+    k = sd.get(prefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if k is None:
+        k = sd.get(prefix + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight")
+    if k is not None and k.ndim == 2:
+        fam = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(int(k.shape[1]))
+        if fam:
+            return f" (its text context is {int(k.shape[1])} wide: this looks like {fam})"
+    if (prefix + "label_emb.0.0.weight") in sd:
+        return " (it has a label embedding: this looks like SDXL)"
+    return ""
+
+
+@torch.no_grad()
+def init_from_ldm_unet(copy: P3SCopyUNet, unet_state_dict: Mapping[str, torch.Tensor],
+                       prefix: str = "") -> list[str]:
+    """ControlNet-style init: copy the base UNet's weights into the copy (see module table).
+
+    ``unet_state_dict`` uses LDM names (``prefix`` e.g. ``"model.diffusion_model."`` for a full
+    checkpoint, ``""`` for ComfyUI's ``diffusion_model.state_dict()``). Every key is checked before
+    anything is written: a missing or mis-shaped key raises :class:`ModelMismatchError` naming them
+    (e.g. SDXL / SD2 UNets). The zero convs stay zero. Returns the copied copy-side keys (in
+    state-dict order); :func:`ldm_key_map` gives their LDM names.
+    """
+    kmap = ldm_key_map(copy, prefix)
+    own = copy.state_dict()
+    missing, misshaped = [], []
+    for ck, lk in kmap.items():
+        src = unet_state_dict.get(lk)
+        if src is None:
+            missing.append(lk)
+        elif tuple(src.shape) != tuple(own[ck].shape):
+            misshaped.append(f"{lk} {tuple(src.shape)} (expected {tuple(own[ck].shape)})")
+    if missing or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:4])}")
+        if misshaped:
+            parts.append(f"{len(misshaped)} keys with another shape, e.g. "
+                         f"{'; '.join(misshaped[:4])}")
+        raise ModelMismatchError(
+            "model", "the UNet does not fit the P3S copy" + _family_hint(unet_state_dict, prefix)
+            + ": " + "; ".join(parts), "connect an SD1.5 checkpoint (or an SD1.5 fine-tune)")
+    copied = []
+    for ck, lk in kmap.items():
+        own[ck].copy_(unet_state_dict[lk])
+        copied.append(ck)
+    return copied
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,106 @@
+"""RNGR encoder (paper Sec. III-A, Eq. 4-5): the cleaned reference latent attends to CLIP image tokens.
+
+    I'' = I' + Softmax(Q K^T / sqrt(d)) V,   Q = W_Q Z(I'),  K = W_K c_s,  V = W_V c_s     (4)-(5)
+
+``I'`` is the VAE latent of the inpainted reference (Eq. 3) and ``c_s`` the last hidden state of the
+CLIP image encoder (ViT-L/14: [N, 257, 1024], class token included). ``I''`` is added to the noisy
+latent ``x_t`` as the input of the trainable copy (Eq. 6).
+
+Decisions where the paper is vague:
+
+* Single head; every latent pixel is one query token (h*w queries of ``latent_channels`` values).
+* ``Z`` is a 1x1 conv latent->latent with weight and bias initialised to zero (as the paper says),
+  ``W_Q``/``W_K``/``W_V`` are bias-free linear maps with PyTorch's default init.
+  ``d = inner_dim`` (64 by default) is the query/key width.
+* ``W_V`` maps ``clip_dim -> latent_channels`` so that the attention output has the latent's
+  channels and can be added to ``I'`` pixel by pixel.
+* Consequence of the zero-initialised ``Z``: at initialisation ``Q = 0``, the softmax is uniform and
+  ``I'' = I' + mean_s(W_V c_s)`` (one constant vector per image); the query path learns from there.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ImageInputError
+
+__all__ = ["RNGREncoder", "prepare_reference"]
+
+
+class RNGREncoder(nn.Module):
+    """Eq. 4-5: ``forward(ref_latent [N,C,h,w], clip_hidden [N,S,clip_dim]) -> I'' [N,C,h,w]``.
+
+    Submodules (tensor names in the adapter file): ``zero_conv`` (Z), ``to_q`` (W_Q),
+    ``to_k`` (W_K), ``to_v`` (W_V).
+    """
+
+    def __init__(self, latent_channels: int = 4, clip_dim: int = 1024, inner_dim: int = 64):
+        super().__init__()
+        self.latent_channels = int(latent_channels)
+        self.clip_dim = int(clip_dim)
+        self.inner_dim = int(inner_dim)
+        self.zero_conv = nn.Conv2d(self.latent_channels, self.latent_channels, kernel_size=1)
+        nn.init.zeros_(self.zero_conv.weight)
+        nn.init.zeros_(self.zero_conv.bias)
+        self.to_q = nn.Linear(self.latent_channels, self.inner_dim, bias=False)
+        self.to_k = nn.Linear(self.clip_dim, self.inner_dim, bias=False)
+        self.to_v = nn.Linear(self.clip_dim, self.latent_channels, bias=False)
+
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments."""
+        return {"latent_channels": self.latent_channels, "clip_dim": self.clip_dim,
+                "inner_dim": self.inner_dim}
+
+    def forward(self, ref_latent: torch.Tensor, clip_hidden: torch.Tensor) -> torch.Tensor:
+        """Return ``I'' = I' + softmax(W_Q Z(I') (W_K c_s)^T / sqrt(d)) W_V c_s`` (Eq. 4-5).
+
+        ``clip_hidden`` may have batch 1 (one set of CLIP tokens shared by all latents).
+        """
+        if ref_latent.ndim != 4 or ref_latent.shape[1] != self.latent_channels:
+            raise ImageInputError(
+                "reference latent", f"expected [N, {self.latent_channels}, h, w], got "
+                f"{tuple(ref_latent.shape)}", "encode the reference image with the SD1.5 VAE")
+        if clip_hidden.ndim != 3 or clip_hidden.shape[-1] != self.clip_dim:
+            raise ImageInputError(
+                "clip_vision_output", f"expected CLIP image hidden states [N, tokens, "
+                f"{self.clip_dim}], got {tuple(clip_hidden.shape)}",
+                "use the CLIP ViT-L/14 vision model (last_hidden_state, 1024 wide)")
+        n, c, h, w = ref_latent.shape
+        if clip_hidden.shape[0] not in (1, n):
+            raise ImageInputError(
+                "clip_vision_output", f"{clip_hidden.shape[0]} CLIP encodings for {n} reference "
+                "latents", "encode the same reference images with CLIP vision and the VAE")
+        clip_hidden = clip_hidden.to(dtype=self.to_k.weight.dtype).expand(n, -1, -1)
+        z = self.zero_conv(ref_latent.to(self.zero_conv.weight.dtype))
+        q = self.to_q(z.flatten(2).transpose(1, 2))              # [N, h*w, d]
+        k = self.to_k(clip_hidden)                               # [N, S, d]
+        v = self.to_v(clip_hidden)                               # [N, S, C]
+        attn = torch.softmax(q @ k.transpose(1, 2) , dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(n, c, h, w)
+        return ref_latent + out.to(ref_latent.dtype)
+
+
+def prepare_reference(i2: torch.Tensor, batch: int, size: Sequence[int]) -> torch.Tensor:
+    """Fit the encoder output ``I''`` [N,C,h',w'] to ``x_t``: -> [batch, C, h, w] (input of Eq. 6).
+
+    Resizes bilinearly (``align_corners=False``) to ``size = (h, w)`` when needed, then averages over
+    the N references and repeats the mean for every sample of the batch.
+
+    Decision: several reference images are averaged at sampling time (one subject, several views);
+    at training time each sample uses its own reference, so the trainer passes ``I''`` per sample
+    instead of calling this function.
+    """
+    if i2.ndim != 4 or i2.shape[0] < 1:
+        raise ImageInputError("reference", f"expected [N, C, h, w] with N >= 1, got "
+                              f"{tuple(i2.shape)}", "pass at least one encoded reference image")
+    h, w = int(size[0]), int(size[1])
+    if batch < 1 or h < 1 or w < 1:
+        raise ImageInputError("latent", f"invalid batch {batch} / size {(h, w)}",
+                              "sample with a non-empty latent batch")
+    if tuple(i2.shape[-2:]) != (h, w):
+        i2 = F.interpolate(i2, size=(h, w), mode="bilinear", align_corners=False)
+    return i2.mean(dim=0, keepdim=True).expand(batch, -1, -1, -1).contiguous()

@@ -1,0 +1,192 @@
+"""Self-attention condition injection (paper Sec. III, Eq. 7-8, with the Eq. 9 weight).
+
+Eq. 7: ``Q = W_Q z``, ``K' = W_K [z, f]``, ``V' = W_V [z + lam f, f]`` (``[.,.]`` = concatenation on
+the token axis), Eq. 8: ``softmax(Q K'^T / sqrt(d)) V'``; Eq. 9 scales the copy feature ``f`` by the
+schedule weight ``eps_t`` first.
+
+ComfyUI's ``attn1`` patch receives ``n`` (the normed hidden state ``z``) and returns
+``(n, context, value)``; the attention then takes ``Q`` from ``n``, ``K`` from ``context`` and ``V``
+from ``value``. :func:`injected_context_value` builds exactly that ``(context, value)`` pair, so the
+ComfyUI backend only has to call it. This module is pure torch (no ComfyUI import).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .errors import P3SError
+
+__all__ = [
+    "InjectionInputError",
+    "injected_context_value",
+    "reference_attention",
+    "DEFAULT_LAMBDA",
+]
+
+#: Eq. 7's lambda (paper: 0.2).
+DEFAULT_LAMBDA = 0.2
+
+
+class InjectionInputError(P3SError):
+    """A copy feature, weight or row mask that cannot be injected into this self-attention layer."""
+
+
+def _row_weights(weight, batch: int, like: torch.Tensor) -> torch.Tensor | float:
+    """Normalise ``weight`` to a python float or a ``[B]`` tensor on ``like``'s device/dtype."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dim() == 0:
+            w = float(weight.item())
+        else:
+            if weight.dim() != 1 or weight.shape[0] != batch:
+                raise InjectionInputError(
+                    "weight", f"weight tensor has shape {tuple(weight.shape)} but the batch has {batch} "
+                    "rows", "pass a float or a 1-D tensor with one weight per batch row")
+            wt = weight.to(device=like.device, dtype=like.dtype)
+            if not bool(torch.isfinite(wt).all()):
+                raise InjectionInputError("weight", "the per-row weights contain NaN or inf",
+                                          "check the P3S schedule settings")
+            return wt
+    elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        w = float(weight)
+    else:
+        raise InjectionInputError("weight", f"{type(weight).__name__} is not a number or tensor",
+                                  "pass the schedule weight as a float or a [B] tensor")
+    if not math.isfinite(w):
+        raise InjectionInputError("weight", f"{w} is not finite", "check the P3S schedule settings")
+    return w
+
+
+def _row_mask(active, batch: int, device: torch.device) -> torch.Tensor | None:
+    if active is None:
+        return None
+    if isinstance(active, torch.Tensor):
+        m = active
+    elif isinstance(active, Sequence):
+        m = torch.tensor([bool(a) for a in active])
+    else:
+        raise InjectionInputError("active", f"{type(active).__name__} is not a row mask",
+                                  "pass None or a bool tensor / list with one entry per batch row")
+    if m.dim() != 1 or m.shape[0] != batch:
+        raise InjectionInputError(
+            "active", f"row mask has shape {tuple(m.shape)} but the batch has {batch} rows",
+            "pass one True/False per batch row (e.g. True for cond rows when only cond is injected)")
+    return m.to(device=device, dtype=torch.bool)
+
+
+def injected_context_value(
+    z: torch.Tensor,
+    f: torch.Tensor,
+    weight: float | torch.Tensor,
+    lam: float = DEFAULT_LAMBDA,
+    active: torch.Tensor | Sequence[bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(context, value)`` for ComfyUI's attn1 so that attention computes Eq. 7-8.
+
+    Args:
+        z: normed hidden state of the original UNet's self-attention, ``[B, N, C]``.
+        f: copy feature for this layer (Eq. 6 output), ``[B, N, C]``; cast to ``z``'s dtype/device.
+        weight: Eq. 9-10 ``eps_t``: a float, or a ``[B]`` tensor (one weight per batch row).
+        lam: Eq. 7 ``lambda``.
+        active: optional bool ``[B]``: rows that receive the injection (e.g. only the cond rows of
+            a CFG batch). ``None`` = every row.
+
+    Returns:
+        ``context = [z, eps f]`` and ``value = [z + lam eps f, eps f]`` concatenated on the token
+        axis (``[B, 2N, C]``).
+
+    Decisions (DESIGN.md):
+        * If the effective weight is 0 for every row (or no row is active) this returns ``(z, z)``
+          -- the very same tensor object, no concatenation -- so the model is bit-for-bit the plain
+          model. Concatenating a zero ``f`` would not be a no-op: the extra keys add zero-logit
+          tokens to the softmax.
+        * In a mixed batch, rows that are inactive or have weight 0 get ``context = value =
+          [z, z]``: duplicating every key/value pair doubles each softmax numerator and the
+          denominator alike, so those rows compute the plain attention (up to float rounding) while
+          the batch keeps one tensor shape.
+        * ``f`` must match ``z`` in batch, token count and channels; anything else raises, since a
+          mismatch could otherwise be folded silently into the batch by the attention kernel.
+    """
+    if not isinstance(z, torch.Tensor) or z.dim() != 3:
+        raise InjectionInputError("z", f"expected a [B, N, C] hidden state, got "
+                                  f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}",
+                                  "call this from a self-attention (attn1) patch")
+    if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(z.shape):
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise InjectionInputError(
+            "f", f"copy feature shape {got} does not match the self-attention hidden state "
+            f"{tuple(z.shape)} [batch, tokens, channels]",
+            "use the adapter trained for this base model and run the copy on the same latent batch "
+            "and resolution as the sampler")
+    lam_f = float(lam)
+    if not math.isfinite(lam_f):
+        raise InjectionInputError("lam", f"{lam!r} is not finite", "use lambda = 0.2 (paper)")
+    batch = z.shape[0]
+    w = _row_weights(weight, batch, z)
+    mask = _row_mask(active, batch, z.device)
+
+    # Fast path: one scalar weight, every row injected.
+    if isinstance(w, float) and mask is None:
+        if w == 0.0:
+            return z, z
+        fs = f.to(device=z.device, dtype=z.dtype) * w
+        return torch.cat([z, fs], dim=1), torch.cat([z + lam_f * fs, fs], dim=1)
+
+    # Per-row path.
+    if isinstance(w, float):
+        w_rows = torch.full((batch,), w, device=z.device, dtype=z.dtype)
+    else:
+        w_rows = w
+    on = w_rows != 0
+    if mask is not None:
+        on = on & mask
+    if not bool(on.any()):
+        return z, z
+    fs = f.to(device=z.device, dtype=z.dtype) * w_rows.view(batch, 1, 1)
+    context = torch.cat([z, fs], dim=1)
+    value = torch.cat([z + lam_f * fs, fs], dim=1)
+    if bool(on.all()):
+        return context, value
+    plain = torch.cat([z, z], dim=1)
+    keep = on.view(batch, 1, 1)
+    return torch.where(keep, context, plain), torch.where(keep, value, plain)
+
+
+def reference_attention(
+    z: torch.Tensor,
+    f: torch.Tensor | None,
+    Wq: torch.Tensor,
+    Wk: torch.Tensor,
+    Wv: torch.Tensor,
+    heads: int,
+    lam: float = DEFAULT_LAMBDA,
+) -> torch.Tensor:
+    """Explicit Eq. 7-8 for tests: multi-head ``softmax(Q K'^T / sqrt(d)) V'`` (no out projection).
+
+    ``Q = z Wq^T``, ``K' = [z, f] Wk^T``, ``V' = [z + lam f, f] Wv^T`` with ``W*`` of shape
+    ``[inner, C]`` (``torch.nn.Linear`` weights) and ``d = inner / heads``. ``f = None`` gives the
+    plain self-attention. ``f`` is used as given (scale it by ``eps_t`` first for Eq. 9).
+    Returns ``[B, N, inner]``.
+    """
+    if f is None:
+        k_in, v_in = z, z
+    else:
+        k_in = torch.cat([z, f], dim=1)
+        v_in = torch.cat([z + lam * f, f], dim=1)
+    q = z @ Wq.t()
+    k = k_in @ Wk.t()
+    v = v_in @ Wv.t()
+    b, nq, inner = q.shape
+    if inner % heads:
+        raise InjectionInputError("heads", f"inner width {inner} is not divisible by {heads} heads",
+                                  "use a head count that divides the projection width")
+    d = inner // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, x.shape[1], heads, d).permute(0, 2, 1, 3)
+
+    qh, kh, vh = split(q), split(k), split(v)
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    out = probs @ vh
+    return out.permute(0, 2, 1, 3).reshape(b, nq, inner)

@@ -1,0 +1,136 @@
+"""Test harness: the real ComfyUI 0.3.75 in process, its real server, and its real frontend.
+
+- ``comfy``: ComfyUI imported in this process (CPU), this pack loaded by ComfyUI's own
+  custom-node loader from a ``custom_nodes/`` link; ``comfy.node(name)`` gives a node class.
+- ``sd15``: the random-weight SD1.5 checkpoint loaded once per session (model, clip, vae).
+- ``server``: the real server (``main.py --cpu``) on a free 127.0.0.1 port, stopped by PID.
+- ``page``: the real frontend of that server in headless Chromium (Playwright, system chromium).
+
+Tests using any of these are marked ``slow`` automatically; ``-m "not slow"`` runs the rest in
+seconds. A missing ComfyUI, model or browser is an error, never a skip.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import harness  # noqa: E402
+
+SLOW_FIXTURES = {"comfy": "comfy", "sd15": "comfy", "clip_vision": "comfy", "server": "server",
+                 "browser": "browser", "page": "browser"}
+CHROMIUM = os.environ.get("P3S_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        kinds = {kind for name, kind in SLOW_FIXTURES.items() if name in used}
+        if kinds:
+            item.add_marker(pytest.mark.slow)
+            for kind in kinds:
+                item.add_marker(getattr(pytest.mark, kind))
+
+
+class InProcessComfy(SimpleNamespace):
+    def node(self, name: str):
+        return self.nodes.NODE_CLASS_MAPPINGS[name]
+
+    def core(self, module: str):
+        """A ``p3s_core`` module as the loaded pack sees it (same classes the nodes use)."""
+        import importlib
+
+        return importlib.import_module(f"{self.pack.__name__}.p3s_core.{module}")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    comfy_dir = harness.comfyui_dir()
+    base = harness.make_base_dir(tmp_path_factory.mktemp("comfy_inprocess"))
+    # ComfyUI's top-level ``nodes``/``utils`` must win over this repo's ``nodes`` package.
+    sys.path.insert(0, str(comfy_dir))
+    for name in [m for m in sys.modules if m == "nodes" or m.startswith("nodes.")]:
+        del sys.modules[name]
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.base_directory = str(base)
+    import folder_paths  # noqa: F401  (reads base_directory at import)
+    import utils.extra_config  # noqa: F401  (must precede ``import nodes``)
+    import nodes
+
+    assert Path(nodes.__file__).resolve().parent == comfy_dir.resolve(), nodes.__file__
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    pack_path = str(base / "custom_nodes" / harness.PACK_LINK_NAME)
+    loaded = asyncio.run(nodes.load_custom_node(pack_path))
+    assert loaded, "ComfyUI's loader could not import this pack (see the log above)"
+    pack = sys.modules[pack_path.replace(".", "_x_")]
+    return InProcessComfy(dir=comfy_dir, base=base, nodes=nodes, pack=pack, folder_paths=folder_paths)
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy):
+    """(MODEL, CLIP, VAE) of the random SD1.5, loaded once for the session."""
+    import torch
+
+    with torch.inference_mode():
+        model, clip, vae = comfy.node("CheckpointLoaderSimple")().load_checkpoint("p3s_random_sd15.safetensors")[:3]
+    return SimpleNamespace(model=model, clip=clip, vae=vae)
+
+
+@pytest.fixture(scope="session")
+def clip_vision(comfy):
+    import torch
+
+    with torch.inference_mode():
+        return comfy.node("CLIPVisionLoader")().load_clip("p3s_random_clip_vit_l14.safetensors")[0]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    base = harness.make_base_dir(tmp_path_factory.mktemp("comfy_server"))
+    srv = harness.ComfyServer(base=base).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: scripts/setup.sh installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """The real frontend, loaded, with the graph ready; console errors collected in ``page.errors``."""
+    server.post("/api/settings", {"Comfy.TutorialCompleted": True})
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    pg = ctx.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
+    pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph "
+                         "&& Object.keys(LiteGraph.registered_node_types).length > 50", timeout=120_000)
+    try:
+        yield pg
+    finally:
+        ctx.close()

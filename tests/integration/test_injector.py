@@ -1,0 +1,119 @@
+"""The P3S Condition Injector in the real ComfyUI with the random SD1.5 (paper Eq. 6-10)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+SIZE = 64  # 8x8 latent: all four UNet levels exist, sampling stays cheap on the CPU
+
+
+@pytest.fixture(scope="module")
+def reference():
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(1, 80, 64, 3, generator=g)  # non-square on purpose
+    img[:, 20:60, 16:48, :] = torch.tensor([0.8, 0.5, 0.2])
+    return img
+
+
+@pytest.fixture(scope="module")
+def conds(comfy, sd15):
+    enc = comfy.node("CLIPTextEncode")()
+    with torch.inference_mode():
+        return enc.encode(sd15.clip, "a photo of sks dog")[0], enc.encode(sd15.clip, "")[0]
+
+
+@pytest.fixture(scope="module")
+def active_adapter(comfy, sd15):
+    """An SD1.5 adapter initialised from the base UNet, with non-zero zero-convs (as after training)."""
+    adapter_mod = comfy.core("adapter")
+    copy_mod = comfy.core("copy_unet")
+    backend = comfy.core("comfy_backend")
+    with torch.inference_mode(False):
+        sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
+        adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for conv in adapter.copy.zero_convs.values():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    return adapter.eval()
+
+
+def sample(comfy, model, conds, seed=7, steps=2, cfg=7.5):
+    latent = comfy.node("EmptyLatentImage")().generate(SIZE, SIZE, 1)[0]
+    with torch.inference_mode():
+        out = comfy.node("KSampler")().sample(model, seed, steps, cfg, "ddim", "normal", conds[0], conds[1],
+                                             latent, denoise=1.0)[0]
+    return out["samples"].clone()
+
+
+def inject(comfy, sd15, clip_vision, adapter, reference, **kw):
+    args = dict(lam=0.2, strength=1.0, apply_to="cond and uncond")
+    args.update(kw)
+    with torch.inference_mode():
+        return comfy.node("P3SConditionInjector")().inject(sd15.model, adapter, reference, sd15.vae,
+                                                           clip_vision, **args)[0]
+
+
+def test_every_self_attention_patch_fires_each_step(comfy, sd15, clip_vision, active_adapter, reference, conds):
+    """All 16 attn1 layers get the copy feature (K/V twice as long) on every step: none silently skipped."""
+    copy_mod = comfy.core("copy_unet")
+    patched = inject(comfy, sd15, clip_vision, active_adapter, reference)
+    seen = []
+
+    def probe(n, context, value, extra_options):  # chained after the P3S patch
+        seen.append((copy_mod.layer_key(extra_options["block"]), n.shape, context.shape, value.shape))
+        return n, context, value
+
+    probed = patched.clone()
+    probed.set_model_attn1_patch(probe)
+    steps = 3
+    sample(comfy, probed, conds, steps=steps)
+    keys = [e["key"] for e in copy_mod.LAYER_MAP]
+    assert len(keys) == 16
+    for key in keys:
+        calls = [s for s in seen if s[0] == key]
+        assert len(calls) == steps, (key, len(calls))
+        for _, n_shape, c_shape, v_shape in calls:
+            assert c_shape[0] == n_shape[0] == 2  # cond + uncond rows, batch kept
+            assert c_shape[1] == 2 * n_shape[1] and v_shape == c_shape  # [z, f] on the token axis
+            assert c_shape[2] == n_shape[2]
+    assert {s[0] for s in seen} == set(keys)
+
+
+def test_input_model_is_untouched_and_patch_chains(comfy, sd15, clip_vision, active_adapter, reference):
+    before = list(sd15.model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", []))
+    one = inject(comfy, sd15, clip_vision, active_adapter, reference)
+    two = comfy.node("P3SConditionInjector")().inject(one, active_adapter, reference, sd15.vae, clip_vision,
+                                                      lam=0.2, strength=1.0, apply_to="cond only")[0]
+    assert sd15.model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", []) == before
+    assert len(one.model_options["transformer_options"]["patches"]["attn1_patch"]) == len(before) + 1
+    assert len(two.model_options["transformer_options"]["patches"]["attn1_patch"]) == len(before) + 2
+
+
+def test_weight_zero_is_the_plain_model_bit_for_bit(comfy, sd15, clip_vision, active_adapter, reference, conds):
+    plain = sample(comfy, sd15.model, conds)
+    off = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference, strength=0.0), conds)
+    assert torch.equal(plain, off)
+    sched_mod = comfy.core("schedule")
+    window = sched_mod.P3SSchedule(mode="fixed", weight=0.0)
+    zero_sched = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference, schedule=window), conds)
+    assert torch.equal(plain, zero_sched)
+
+
+def test_active_adapter_changes_the_sample(comfy, sd15, clip_vision, active_adapter, reference, conds):
+    plain = sample(comfy, sd15.model, conds)
+    on = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference), conds)
+    assert on.shape == plain.shape and torch.isfinite(on).all()
+    assert (on - plain).abs().max() > 1e-3
+    cond_only = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference, apply_to="cond only"), conds)
+    assert (cond_only - on).abs().max() > 1e-4
+
+
+def test_schedule_window_limits_the_injection(comfy, sd15, clip_vision, active_adapter, reference, conds):
+    """Injecting only in the last half leaves the first steps as the plain model's."""
+    sched_mod = comfy.core("schedule")
+    late = sched_mod.P3SSchedule(start_percent=0.5, end_percent=1.0)
+    full = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference), conds)
+    part = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference, schedule=late), conds)
+    plain = sample(comfy, sd15.model, conds)
+    assert not torch.equal(part, plain) and not torch.equal(part, full)
