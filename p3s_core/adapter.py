@@ -20,6 +20,9 @@ Decisions:
   ~1.7 GB UNet: names, shapes and 256 evenly spaced values per tensor.
 * Loading builds the model on the meta device and assigns the file's tensors (no random init, no
   double memory); the file's dtype is kept unless ``dtype`` is given.
+* :func:`new_adapter` and :func:`load_adapter` run under ``torch.inference_mode(False)``: ComfyUI
+  executes nodes in inference mode, and parameters created there would be inference tensors that
+  the trainer could not back-propagate through.
 """
 from __future__ import annotations
 
@@ -161,9 +164,13 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
     tensors. Reads tensors with ``safetensors.torch.load_file`` only. Returns the adapter in eval
     mode on ``device`` (dtype of the file unless ``dtype`` is given).
     """
+    with torch.inference_mode(False):
+        return _load_adapter(Path(path), device, dtype)
+
+
+def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
     from safetensors.torch import load_file
 
-    path = Path(path)
     meta, infos = read_safetensors_header(path)
     if "p3s_format_version" not in meta:
         raise AdapterFileError(str(path), "this safetensors file is not a P3S adapter (no "
@@ -273,7 +280,13 @@ def new_adapter(config: CopyUNetConfig | None = None,
     ``base_unet_hash`` is set to :func:`unet_fingerprint` of the copied tensors; zero convs are
     zero either way. Without it the copy keeps PyTorch's default random init.
     """
-    config = config or CopyUNetConfig.sd15()
+    with torch.inference_mode(False):
+        return _new_adapter(config or CopyUNetConfig.sd15(), unet_state_dict, lam, seed,
+                            unet_prefix, clip_dim, encoder_inner_dim, training)
+
+
+def _new_adapter(config, unet_state_dict, lam, seed, unet_prefix, clip_dim, encoder_inner_dim,
+                 training) -> P3SAdapter:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         if unet_state_dict is None:

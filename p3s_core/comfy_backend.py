@@ -92,6 +92,20 @@ def encode_reference(model, vae, clip_vision, images: torch.Tensor):
 
 
 # --- the patch -----------------------------------------------------------------------------------
+def adapter_patcher(adapter):
+    """One ModelPatcher per adapter object, so every injector using it shares ComfyUI's bookkeeping
+    (a patcher per injector would leave ComfyUI tracking dead patchers of a live module)."""
+    patcher = getattr(adapter, "_p3s_patcher", None)
+    if patcher is None:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        object.__setattr__(adapter, "_p3s_patcher", patcher)
+    return patcher
+
+
 def _layer_key(extra_options) -> str:
     from .copy_unet import layer_key
 
@@ -152,7 +166,6 @@ class P3SInjectorPatch:
             if schedule is not None:
                 self.sigma_start = float(model_sampling.percent_to_sigma(schedule.start_percent))
                 self.sigma_end = float(model_sampling.percent_to_sigma(schedule.end_percent))
-        self._patcher = None
 
     # ComfyUI calls these ------------------------------------------------------------------------
     def to(self, *args, **kwargs):
@@ -162,13 +175,7 @@ class P3SInjectorPatch:
         return [self.adapter_patcher()]
 
     def adapter_patcher(self):
-        if self._patcher is None:
-            import comfy.model_management as mm
-            import comfy.model_patcher
-
-            self._patcher = comfy.model_patcher.ModelPatcher(
-                self.adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-        return self._patcher
+        return adapter_patcher(self.adapter)
 
     # the weight of this step ---------------------------------------------------------------------
     def step_weight(self, sigma: float, timestep: float) -> float:

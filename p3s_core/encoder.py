@@ -79,7 +79,7 @@ class RNGREncoder(nn.Module):
         q = self.to_q(z.flatten(2).transpose(1, 2))              # [N, h*w, d]
         k = self.to_k(clip_hidden)                               # [N, S, d]
         v = self.to_v(clip_hidden)                               # [N, S, C]
-        attn = torch.softmax(q @ k.transpose(1, 2) , dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.inner_dim), dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(n, c, h, w)
         return ref_latent + out.to(ref_latent.dtype)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -361,7 +362,7 @@ def _check_bounds(pts: Iterable[Point], width: int, height: int, input_name: str
 
 def _check_size(width: Any, height: Any, batch: Any, input_name: str) -> None:
     for name, v in (("width", width), ("height", height), ("batch", batch)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
             raise PointsError(input_name, f"image {name} must be a positive integer, got {v!r}",
                               "connect a non-empty image batch")
 

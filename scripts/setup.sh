@@ -68,7 +68,7 @@ fi
 MODELS="$CACHE/models-seed$SEED-v1"
 if [ ! -f "$MODELS/.complete" ]; then
   log "generating random-weight models into $MODELS (about a minute)"
-  "$VENV/bin/python" "$HERE/scripts/make_random_models.py" --seed "$SEED" --out "$MODELS"
+  "$VENV/bin/python" "$HERE/scripts/make_random_models.py" --seed "$SEED" --out "$MODELS" --comfyui "$COMFY"
   touch "$MODELS/.complete"
 fi
 

@@ -35,7 +35,7 @@ def active_adapter(comfy, sd15):
         with torch.no_grad():
             for conv in adapter.copy.zero_convs.values():
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
-    return adapter.eval()
+    return adapter.eval().requires_grad_(False)
 
 
 def sample(comfy, model, conds, seed=7, steps=2, cfg=7.5):
@@ -83,8 +83,9 @@ def test_every_self_attention_patch_fires_each_step(comfy, sd15, clip_vision, ac
 def test_input_model_is_untouched_and_patch_chains(comfy, sd15, clip_vision, active_adapter, reference):
     before = list(sd15.model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", []))
     one = inject(comfy, sd15, clip_vision, active_adapter, reference)
-    two = comfy.node("P3SConditionInjector")().inject(one, active_adapter, reference, sd15.vae, clip_vision,
-                                                      lam=0.2, strength=1.0, apply_to="cond only")[0]
+    with torch.inference_mode():
+        two = comfy.node("P3SConditionInjector")().inject(one, active_adapter, reference, sd15.vae, clip_vision,
+                                                          lam=0.2, strength=1.0, apply_to="cond only")[0]
     assert sd15.model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", []) == before
     assert len(one.model_options["transformer_options"]["patches"]["attn1_patch"]) == len(before) + 1
     assert len(two.model_options["transformer_options"]["patches"]["attn1_patch"]) == len(before) + 2

@@ -307,3 +307,17 @@ def test_atomic_save_writes_standard_safetensors(tmp_path):
     (n,) = struct.unpack("<Q", raw[:8])
     assert (8 + n) % 8 == 0  # data section aligned
     assert _tmp_files(p.parent) == []
+
+
+def test_adapters_made_under_inference_mode_can_still_be_trained(saved):
+    """ComfyUI runs nodes under torch.inference_mode(): the adapter must stay trainable."""
+    with torch.inference_mode():
+        made = new_adapter(TINY, seed=0, **ENC)
+        loaded = load_adapter(saved)
+    for adapter in (made, loaded):
+        assert not any(p.is_inference() for p in adapter.parameters())
+        adapter.train()
+        lat = adapter.encode_reference(torch.randn(1, 4, 4, 4), torch.randn(1, 3, 16))
+        out = adapter(torch.randn(1, 4, 4, 4), torch.tensor([5.0]), torch.randn(1, 3, 32), lat)
+        sum(f.sum() for f in out.values()).backward()
+        assert adapter.copy.zero_convs["input_1"].bias.grad is not None

@@ -149,6 +149,13 @@ def test_flat_list_applies_to_every_image():
     assert p.images[1].positive == [(10.0, 20.0)]
 
 
+def test_numpy_sizes_accepted():
+    import numpy as np
+
+    p = points_from_strings('[{"x": 1, "y": 2}]', "", np.int64(W), np.int64(H), np.int64(2))
+    assert len(p) == 2 and (p.width, p.height) == (W, H) and type(p.width) is int
+
+
 def test_per_image_lists():
     pos = '[[{"x": 1, "y": 2}], [{"x": 3, "y": 4}, {"x": 5, "y": 6}]]'
     neg = '[[], [[7, 8]]]'

@@ -62,7 +62,7 @@ def test_import_is_light():
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('m', {str(_SCRIPT)!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['m'] = m; spec.loader.exec_module(m)\n"
         "print(sorted(n for n in ('torch', 'transformers', 'comfy', 'diffusers') if n in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -17,7 +17,6 @@ from skimage.restoration import inpaint_biharmonic
 from p3s_core.errors import ImageInputError, ModelMismatchError, P3SError, PointsError
 from p3s_core.points import ImagePoints
 from p3s_core.rngr import (
-    Letterbox,
     RNGRResult,
     RNGRSettingsError,
     combine_maps,
