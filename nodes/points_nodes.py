@@ -1,0 +1,114 @@
+"""P3S Point Selector node: clicked points (or KJNodes/SAM2 coordinate strings) -> P3S_POINTS."""
+from __future__ import annotations
+
+from .common import CATEGORY, POINTS, image_to_numpy, numpy_to_image
+
+POS_COLOR = (0.1, 0.9, 0.2)
+NEG_COLOR = (0.95, 0.15, 0.15)
+
+
+def check_image_batch(image, input_name: str = "image"):
+    """An IMAGE batch [B,H,W,3] with B >= 1 and a usable size, or a clear error."""
+    from ..p3s_core.errors import ImageInputError
+
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) != 4 or shape[0] == 0:
+        raise ImageInputError(input_name, f"expected an IMAGE batch [B,H,W,3], got shape {shape}",
+                              "connect a Load Image node (or any node with an IMAGE output)")
+    if shape[3] != 3:
+        raise ImageInputError(input_name, f"the images have {shape[3]} channels; 3 (RGB) are needed",
+                              "convert the image to RGB first (Load Image gives RGB; drop the alpha channel)")
+    if shape[1] < 14 or shape[2] < 14:
+        raise ImageInputError(input_name, f"the images are {shape[2]}x{shape[1]} pixels, below one CLIP patch",
+                              "use reference photos of at least 64x64 pixels")
+    return shape
+
+
+def draw_points(rgb, image_points, radius: int):
+    """The image with positive (green) and negative (red) points drawn as rings."""
+    import numpy as np
+
+    out = np.array(rgb, dtype=np.float32, copy=True)
+    h, w = out.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    for pts, color in ((image_points.positive, POS_COLOR), (image_points.negative, NEG_COLOR)):
+        for x, y in pts:
+            d = np.hypot(xx - x, yy - y)
+            out[d <= radius] = color
+            out[(d <= radius * 0.45)] = (1.0, 1.0, 1.0)
+    return out
+
+
+class P3SPointSelector:
+    DESCRIPTION = (
+        "Mark the subject to keep: click on the node's picture to add a positive point (green), "
+        "right-click or shift-click for a negative point on a look-alike distractor (red), click a point "
+        "to remove it; step through the batch with the arrows. Coordinate strings from KJNodes Points "
+        "Editor or SAM2 can be connected instead (they replace the clicks). The same points come out as "
+        "SAM2-style strings."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "select"
+    RETURN_TYPES = (POINTS, "STRING", "STRING", "IMAGE")
+    RETURN_NAMES = ("points", "positive_coords", "negative_coords", "preview")
+    OUTPUT_TOOLTIPS = (
+        "The points of every image, for P3S RNGR Mask + Inpaint.",
+        "Positive points of the first image as JSON [{\"x\": .., \"y\": ..}] (for SAM2 / KJNodes).",
+        "Negative points of the first image in the same format.",
+        "The images with the points drawn.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The reference photo(s) of the subject."}),
+                "points_store": ("STRING", {"default": "", "multiline": False,
+                                            "tooltip": "The clicked points (JSON, kept by the canvas widget so the workflow round-trips)."}),
+            },
+            "optional": {
+                "coordinates_positive": ("STRING", {"forceInput": True, "tooltip": "KJNodes/SAM2 points on the subject, e.g. [{\"x\": 312, \"y\": 205}] (pixels or 0-1). Replace the clicks when connected."}),
+                "coordinates_negative": ("STRING", {"forceInput": True, "tooltip": "KJNodes/SAM2 points on the distractor, same format."}),
+            },
+        }
+
+    def select(self, image, points_store="", coordinates_positive=None, coordinates_negative=None):
+        from ..p3s_core.errors import PointsError
+        from ..p3s_core.points import P3SPoints, points_from_strings
+
+        b, h, w, _ = check_image_batch(image)
+        if coordinates_positive is not None and str(coordinates_positive).strip() not in ("", "[]"):
+            points = points_from_strings(coordinates_positive, coordinates_negative or "", w, h, b)
+        elif coordinates_negative is not None and str(coordinates_negative).strip() not in ("", "[]"):
+            raise PointsError("coordinates_positive", "negative points were given but no positive point",
+                              "connect positive coordinates too (or click a positive point on the subject)")
+        elif str(points_store or "").strip():
+            points = P3SPoints.from_widget_state(points_store, w, h, b, input_name="points_store")
+        else:
+            raise PointsError("points_store", "no point was clicked",
+                              "click on the subject in the node's picture (right-click marks a distractor)")
+        radius = max(3, round(min(h, w) / 60))
+        previews = [draw_points(image_to_numpy(image, i), points.for_image(i), radius) for i in range(b)]
+        pos, neg = points.to_coordinate_strings(0)
+        return {"ui": {"p3s_images": self._temp_images(image)},
+                "result": (points, pos, neg, numpy_to_image(previews))}
+
+    @staticmethod
+    def _temp_images(image):
+        """The reference images as temp PNGs, so the canvas widget shows them after a run."""
+        import os
+
+        import folder_paths
+        import numpy as np
+        from PIL import Image
+
+        temp = folder_paths.get_temp_directory()
+        b, h, w = image.shape[:3]
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path("p3s_points", temp, w, h)
+        files = []
+        for i in range(b):
+            fname = f"{name}_{counter + i:05}_.png"
+            arr = (image_to_numpy(image, i) * 255.0).round().clip(0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(os.path.join(folder, fname), compress_level=1)
+            files.append({"filename": fname, "subfolder": subfolder, "type": "temp"})
+        return files

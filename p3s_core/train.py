@@ -1,0 +1,353 @@
+"""The P3S training loop (paper Sec. III-B Eq. 11-15, Sec. IV-A "Training Details").
+
+    L = L_LDM + gamma * L_ac                                                          (15)
+
+This module never imports ComfyUI: the loop gets a ``step_fn`` that runs the (frozen) base UNet
+with the adapter and returns ``(L_LDM, L_ac)`` for one image. The ComfyUI side builds it
+(:mod:`p3s_core.comfy_backend_train`); unit tests pass a tiny plain-torch model.
+
+Decisions where the paper is vague:
+
+* Only the adapter trains (RNGR encoder, Eq. 4-5, and the copy with its zero convs, Eq. 6); the base
+  UNet, the text encoder, the VAE and CLIP vision stay frozen. Optimiser: AdamW (``lr`` 1e-5, the
+  paper's; ``weight_decay`` 0.01, PyTorch's default), batch size 1, no LR schedule.
+* One epoch = one pass over the reference images in an order shuffled by the seeded generator
+  (paper: 60 epochs; with 3-5 images that is 180-300 steps).
+* "We drop out 10 % of the conditions": each step independently, with probability
+  ``cond_dropout``, the text context is replaced by the empty-prompt context (the unconditional
+  branch of classifier-free guidance). The reference I'' is kept: the injector feeds it to the
+  uncond half of the CFG batch too by default.
+* A single ``torch.Generator`` seeded from ``seed`` (and ``start_step`` on resume) drives the
+  shuffling, the dropout draws and everything ``step_fn`` samples (timestep, noise), so a seed
+  gives the same adapter bit for bit on the CPU.
+* A non-finite loss or gradient raises :class:`TrainingDivergedError` *before* the optimiser
+  step, so the weights (and any save made so far) are the last good ones.
+* Resume: ``start_step`` continues the step count (``training_info["steps"]``). The optimiser's
+  moments are not in the adapter file, so AdamW starts fresh; the generator is re-seeded from
+  ``(seed, start_step)`` so a resumed run does not replay the first run's noise.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import TrainingConfigError, TrainingDivergedError
+from .losses import total_loss
+
+__all__ = [
+    "AC_LAYERS",
+    "TrainSettings",
+    "TrainBatch",
+    "TrainResult",
+    "train_adapter",
+    "trainable_parameters",
+    "masked_ldm_loss",
+    "contains_identifier",
+    "estimate_adapter_bytes",
+    "plot_losses",
+]
+
+#: ``"last"``: L_ac on the last cross-attention layer only (the paper's choice, Table IV);
+#: ``"all"``: averaged over every cross-attention layer of the UNet (Table IV's "whole U-Net").
+AC_LAYERS = ("last", "all")
+_MAX_SEED = 2 ** 63 - 1
+
+
+def contains_identifier(prompt: str, identifier: str) -> bool:
+    """True when ``identifier`` appears in ``prompt`` as a whole word (case-sensitive)."""
+    return re.search(rf"(?<![\w]){re.escape(identifier)}(?![\w])", prompt) is not None
+
+
+@dataclass
+class TrainSettings:
+    """Trainer settings (defaults: the paper's Sec. IV-A and Eq. 15).
+
+    ``save_every`` is in steps (0 = only at the end). ``resolution`` is the short side the images
+    are resized to before VAE encoding (a multiple of 64). ``mask_background_weight`` is the
+    L_LDM weight of latent pixels outside the optional subject mask (see :func:`masked_ldm_loss`).
+    """
+
+    epochs: int = 60
+    lr: float = 1e-5
+    gamma: float = 0.1
+    cond_dropout: float = 0.1
+    seed: int = 0
+    resolution: int = 512
+    save_every: int = 0
+    identifier: str = "sks"
+    ac_layers: str = "last"
+    weight_decay: float = 0.01
+    mask_background_weight: float = 0.1
+
+    def validate(self, prompt: str | None = None) -> "TrainSettings":
+        """Raise :class:`TrainingConfigError` naming the first bad field; return ``self``.
+
+        With ``prompt`` also checks that it contains the identifier token as a whole word.
+        """
+        def bad(name, problem, fix):
+            raise TrainingConfigError(name, problem, fix)
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+        if not is_int(self.epochs) or self.epochs < 1:
+            bad("epochs", f"{self.epochs!r} is not a whole number >= 1",
+                "train for at least 1 epoch (paper: 60)")
+        if not is_num(self.lr) or not math.isfinite(float(self.lr)) or float(self.lr) <= 0:
+            bad("learning_rate", f"{self.lr!r} is not a finite number > 0",
+                "use a small positive learning rate such as 1e-5 (paper)")
+        if not is_num(self.gamma) or not math.isfinite(float(self.gamma)) or float(self.gamma) < 0:
+            bad("gamma", f"{self.gamma!r} is not a finite number >= 0",
+                "use gamma = 0.1 (paper) or 0 to turn the attention consistency loss off")
+        if not is_num(self.cond_dropout) or not 0.0 <= float(self.cond_dropout) < 1.0:
+            bad("cond_dropout", f"{self.cond_dropout!r} is outside [0, 1)",
+                "use 0.1 (paper: 10 % of the conditions are dropped for CFG)")
+        if not is_int(self.seed) or not 0 <= int(self.seed) <= _MAX_SEED:
+            bad("seed", f"{self.seed!r} is not a whole number in [0, 2^63)", "use a seed such as 0")
+        if not is_int(self.resolution) or self.resolution < 64 or self.resolution % 64:
+            bad("resolution", f"{self.resolution!r} is not a multiple of 64 (>= 64)",
+                "use 512 (SD1.5's native size) or another multiple of 64")
+        if not is_int(self.save_every) or self.save_every < 0:
+            bad("save_every", f"{self.save_every!r} is not a whole number >= 0",
+                "use 0 to save only at the end, or N to also save every N steps")
+        ident = self.identifier
+        if not isinstance(ident, str) or not ident.strip() or re.search(r"\s", ident.strip()):
+            bad("identifier", f"{ident!r} is not a single word",
+                "use a rare single token such as 'sks'")
+        if self.ac_layers not in AC_LAYERS:
+            bad("ac_layers", f"{self.ac_layers!r} is not one of {AC_LAYERS}",
+                "use 'last' (paper) or 'all'")
+        if not is_num(self.weight_decay) or not math.isfinite(float(self.weight_decay)) \
+                or float(self.weight_decay) < 0:
+            bad("weight_decay", f"{self.weight_decay!r} is not a finite number >= 0", "use 0.01")
+        if not is_num(self.mask_background_weight) \
+                or not 0.0 <= float(self.mask_background_weight) <= 1.0:
+            bad("mask_background_weight", f"{self.mask_background_weight!r} is outside [0, 1]",
+                "use 0.1 (background counts a tenth of the subject) or 1 (mask ignored)")
+        if prompt is not None:
+            if not isinstance(prompt, str) or not prompt.strip():
+                bad("prompt", "the prompt is empty",
+                    f"describe the subject with the identifier, e.g. 'a photo of {ident.strip()} dog'")
+            if not contains_identifier(prompt, ident.strip()):
+                bad("prompt", f"'{prompt}' does not contain the identifier '{ident.strip()}' as a "
+                    "word", f"write it into the prompt, e.g. 'a photo of {ident.strip()} dog'")
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (stored in the adapter's ``training`` metadata)."""
+        return asdict(self)
+
+
+@dataclass
+class TrainBatch:
+    """The cached inputs of one reference image (batch size 1), computed once before training.
+
+    ``latent`` x0 [1,4,h,w] (after ``process_latent_in``), ``context`` / ``uncond`` [1,77,768] text
+    encodings of the prompt and of the empty prompt, ``clip_hidden`` [1,257,1024] CLIP ViT-L/14 last
+    hidden state of the image, ``mask`` optional subject mask at latent size [1,1,h,w] in [0, 1].
+    """
+
+    latent: torch.Tensor
+    context: torch.Tensor
+    uncond: torch.Tensor
+    clip_hidden: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class TrainResult:
+    """Per-step total losses (Eq. 15), their two parts, the final global step count, and how many
+    steps used the dropped (unconditional) context."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    ldm_losses: list[float] = field(default_factory=list)
+    ac_losses: list[float] = field(default_factory=list)
+    dropped: int = 0
+
+
+StepFn = Callable[..., tuple]
+OnStep = Callable[[int, int, float], None]
+
+
+def trainable_parameters(adapter: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Every adapter parameter (encoder + copy + zero convs), in module order."""
+    return [p for p in adapter.parameters()]
+
+
+def masked_ldm_loss(noise: torch.Tensor, noise_pred: torch.Tensor, mask: torch.Tensor | None,
+                    background_weight: float = 0.1) -> torch.Tensor:
+    """Eq. 14 with an optional subject mask: ``sum(w (eps - eps_theta)^2) / (C * sum(w))``.
+
+    Decision (the paper has no mask in training; the Trainer has an optional subject MASK): the
+    per-pixel weight is ``w = mask + background_weight * (1 - mask)``, so the subject drives the
+    reconstruction and the (inpainted) background counts less; ``mask=None`` or
+    ``background_weight=1`` gives exactly the plain mean squared error of Eq. 14.
+    ``mask`` is [B,1,h,w] (or broadcastable) at the latent's size.
+    """
+    err = (noise_pred.float() - noise.float()) ** 2
+    if mask is None or float(background_weight) == 1.0:
+        return err.mean()
+    m = mask.to(err.device, torch.float32).clamp(0, 1)
+    w = (m + float(background_weight) * (1 - m)).expand_as(err)
+    return (w * err).sum() / w.sum().clamp_min(1e-12)
+
+
+def _generator_seed(seed: int, start_step: int) -> int:
+    """Seed of the training generator: ``seed`` for a fresh run, mixed with ``start_step`` on resume."""
+    if start_step == 0:
+        return int(seed)
+    return (int(seed) * 1_000_003 + int(start_step) * 7_919 + 1) % _MAX_SEED
+
+
+def _finite_grads(params: Sequence[torch.Tensor]) -> bool:
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return False
+    return True
+
+
+def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_fn: StepFn,
+                  settings: TrainSettings, on_step: OnStep | None = None, start_step: int = 0,
+                  device: torch.device | str | None = None) -> TrainResult:
+    """Train ``adapter`` in place for ``settings.epochs`` epochs over ``batches`` (Eq. 15).
+
+    ``step_fn(adapter, x0, context, clip_hidden, generator[, mask=...]) -> (l_ldm, l_ac)`` runs one
+    image (``mask`` is passed only when the batch has one). The loss is
+    ``l_ldm + gamma * l_ac``; a non-finite loss or gradient raises
+    :class:`TrainingDivergedError` before the weights change. ``on_step(step, total, loss)`` is
+    called after every optimiser step with the global step (``start_step + k``), the global total
+    and the loss; it may raise to cancel (the exception propagates at once, no further step runs).
+    Tensors of each batch are moved to ``device`` when given. Returns a :class:`TrainResult`; the
+    adapter is left in eval mode with ``requires_grad`` off.
+    """
+    settings.validate()
+    if not batches:
+        raise TrainingConfigError("images", "there are no training images",
+                                  "connect 3-5 cleaned photos of the subject")
+    if not isinstance(start_step, int) or start_step < 0:
+        raise TrainingConfigError("start_step", f"{start_step!r} is not a whole number >= 0",
+                                  "resume from an adapter saved by the P3S Trainer")
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(adapter, list(batches), step_fn, settings, on_step, start_step, device)
+
+
+def _to(t, device):
+    if t is None or device is None:
+        return t
+    return t.to(device)
+
+
+def _train(adapter, batches, step_fn, settings, on_step, start_step, device) -> TrainResult:
+    params = trainable_parameters(adapter)
+    for p in params:
+        p.requires_grad_(True)
+    adapter.train()
+    optimizer = torch.optim.AdamW(params, lr=float(settings.lr),
+                                  weight_decay=float(settings.weight_decay), foreach=False)
+    generator = torch.Generator().manual_seed(_generator_seed(settings.seed, start_step))
+    n = len(batches)
+    total = start_step + settings.epochs * n
+    result = TrainResult(steps=start_step)
+    step = start_step
+    try:
+        for _epoch in range(settings.epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            for idx in order:
+                b = batches[idx]
+                drop = bool(torch.rand((), generator=generator).item() < float(settings.cond_dropout))
+                context = b.uncond if drop else b.context
+                kwargs = {} if b.mask is None else {"mask": _to(b.mask, device)}
+                l_ldm, l_ac = step_fn(adapter, _to(b.latent, device), _to(context, device),
+                                      _to(b.clip_hidden, device), generator, **kwargs)
+                loss = total_loss(l_ldm, l_ac, settings.gamma)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        "learning_rate", f"the loss became {value} at step {step + 1} "
+                        f"(L_LDM {float(l_ldm):.4g}, L_ac {float(l_ac):.4g}); the weights of the "
+                        "last good step are kept", "lower the learning rate (paper: 1e-5) or gamma")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if not _finite_grads(params):
+                    raise TrainingDivergedError(
+                        "learning_rate", f"the gradients became non-finite at step {step + 1}; the "
+                        "weights of the last good step are kept",
+                        "lower the learning rate (paper: 1e-5) or use full precision")
+                optimizer.step()
+                step += 1
+                result.steps = step
+                result.losses.append(value)
+                result.ldm_losses.append(float(l_ldm.detach()))
+                result.ac_losses.append(float(torch.as_tensor(l_ac).detach()))
+                result.dropped += int(drop)
+                if on_step is not None:
+                    on_step(step, total, value)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        for p in params:
+            p.requires_grad_(False)
+        adapter.eval()
+    return result
+
+
+def estimate_adapter_bytes(adapter: torch.nn.Module) -> int:
+    """Bytes of the adapter's tensors as saved (state dict, its dtypes) plus 1 MiB for the header."""
+    return sum(t.numel() * t.element_size() for t in adapter.state_dict().values()) + (1 << 20)
+
+
+def plot_losses(losses: Sequence[float], width: int = 512, height: int = 256,
+                start_step: int = 0, title: str = "P3S training loss") -> np.ndarray:
+    """Draw the loss per step (and a moving average) as an RGB ``uint8`` array [height, width, 3].
+
+    Uses PIL only. x axis: global step (``start_step + 1`` ..), y axis: loss from 0 to the maximum.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = max(96, int(width)), max(64, int(height))
+    img = Image.new("RGB", (width, height), (32, 32, 36))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 48, width - 12, 18, height - 24
+    vals = [float(v) for v in losses if math.isfinite(float(v))]
+    draw.line([left, top, left, bottom], fill=(200, 200, 200))
+    draw.line([left, bottom, right, bottom], fill=(200, 200, 200))
+    draw.text((left + 4, 2), title, fill=(220, 220, 220), font=font)
+    if not vals:
+        draw.text((left + 8, (top + bottom) // 2), "no steps", fill=(170, 170, 170), font=font)
+        return np.asarray(img, dtype=np.uint8).copy()
+    y_max = max(vals) * 1.1 or 1.0
+
+    def px(i: int) -> float:
+        return left + (i / max(1, len(vals) - 1)) * (right - left)
+
+    def py(v: float) -> float:
+        return bottom - (v / y_max) * (bottom - top)
+
+    for frac in (0.25, 0.5, 0.75):
+        g = y_max * frac
+        draw.line([left, py(g), right, py(g)], fill=(60, 60, 66))
+        draw.text((2, py(g) - 6), f"{g:.3g}", fill=(170, 170, 170), font=font)
+    pts = [(px(i), py(v)) for i, v in enumerate(vals)]
+    if len(pts) == 1:
+        draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(120, 160, 220))
+    else:
+        draw.line(pts, fill=(120, 160, 220), width=1)
+        k = max(1, len(vals) // 20)
+        avg = np.convolve(np.asarray(vals), np.ones(k) / k, mode="valid")
+        off = (k - 1) / 2
+        draw.line([(px(i + off), py(v)) for i, v in enumerate(avg)] if len(avg) > 1 else pts,
+                  fill=(255, 170, 40), width=2)
+    draw.text((left, bottom + 6), f"step {start_step + 1}", fill=(220, 220, 220), font=font)
+    end = f"step {start_step + len(vals)}  loss {vals[-1]:.4g}"
+    draw.text((max(left + 60, right - 6 * len(end)), bottom + 6), end, fill=(220, 220, 220), font=font)
+    return np.asarray(img, dtype=np.uint8).copy()
