@@ -4,6 +4,7 @@ from .injector_nodes import P3SConditionInjector
 from .points_nodes import P3SPointSelector
 from .rngr_nodes import P3SRNGRMaskInpaint
 from .schedule_nodes import P3STimestepWeightScheduler
+from .trainer_nodes import P3STrainer
 
 NODE_CLASS_MAPPINGS = {
     "P3SPointSelector": P3SPointSelector,
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "P3SConditionInjector": P3SConditionInjector,
     "P3SAdapterLoader": P3SAdapterLoader,
     "P3SAdapterSave": P3SAdapterSave,
+    "P3STrainer": P3STrainer,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -21,4 +23,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "P3SConditionInjector": "P3S Condition Injector",
     "P3SAdapterLoader": "P3S Adapter Loader",
     "P3SAdapterSave": "P3S Adapter Save",
+    "P3STrainer": "P3S Trainer",
 }

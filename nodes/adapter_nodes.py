@@ -11,10 +11,26 @@ def _checked_name(name: str, input_name: str) -> str:
     from ..p3s_core.errors import AdapterFileError
 
     name = str(name).strip()
-    if not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
-        raise AdapterFileError(input_name, f"'{name}' is not a plain file name (no folders, no '..', not hidden)",
+    if (not name or "/" in name or "\\" in name or ".." in name or name.startswith(".") or ":" in name
+            or any(ord(c) < 32 for c in name)):
+        raise AdapterFileError(input_name, f"{name!r} is not a plain file name (no folders, no '..', no ':', "
+                               "no control characters, not hidden)",
                                "use a simple name such as 'my_dog'; files go to models/p3s")
+    if len(name.encode("utf-8")) > 200:
+        raise AdapterFileError(input_name, f"the name is {len(name.encode('utf-8'))} bytes long (at most 200)",
+                               "use a shorter name such as 'my_dog'")
     return name
+
+
+def check_adapter(adapter, input_name: str = "adapter"):
+    """A P3S adapter object (from P3S Adapter Loader or P3S Trainer), or a clear error."""
+    from ..p3s_core.adapter import P3SAdapter
+    from ..p3s_core.errors import AdapterFileError
+
+    if not isinstance(adapter, P3SAdapter):
+        raise AdapterFileError(input_name, f"expected a P3S adapter, got a {type(adapter).__name__}",
+                               "connect the output of P3S Adapter Loader or P3S Trainer")
+    return adapter
 
 
 def resolve_adapter(name: str) -> str:
@@ -44,8 +60,14 @@ class P3SAdapterLoader:
 
     def load(self, adapter_name):
         from ..p3s_core.adapter import load_adapter
+        from ..p3s_core.errors import AdapterFileError
 
-        return (load_adapter(resolve_adapter(adapter_name)),)
+        path = resolve_adapter(adapter_name)
+        try:
+            adapter = load_adapter(path)
+        except AdapterFileError as exc:  # the core names the path; the user knows the widget
+            raise AdapterFileError("adapter_name", f"'{adapter_name}' ({path}): {exc.problem}", exc.fix) from exc
+        return (adapter,)
 
 
 class P3SAdapterSave:
@@ -67,6 +89,7 @@ class P3SAdapterSave:
     def save(self, adapter, name):
         from ..p3s_core.adapter import save_adapter
 
+        check_adapter(adapter, "adapter")
         name = _checked_name(name, "name")
         if not name.endswith(".safetensors"):
             name += ".safetensors"

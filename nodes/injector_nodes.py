@@ -1,7 +1,9 @@
 """P3S Condition Injector node (paper Eq. 4-10): patch a MODEL with an adapter and a reference."""
 from __future__ import annotations
 
-from .common import ADAPTER, CATEGORY, SCHEDULE
+from .common import ADAPTER, CATEGORY, SCHEDULE, check_choice, check_image_batch, check_number
+
+APPLY_TO = ["cond and uncond", "cond only"]
 
 
 class P3SConditionInjector:
@@ -27,7 +29,7 @@ class P3SConditionInjector:
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (clip-vit-large-patch14): its last hidden state is c_s of Eq. 5."}),
                 "lam": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 2.0, "step": 0.01, "tooltip": "lambda of Eq. 7: how much of the subject feature is added to the values (paper: 0.2)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.01, "tooltip": "Overall weight. 0 = the plain model, bit for bit."}),
-                "apply_to": (["cond and uncond", "cond only"], {"default": "cond and uncond", "tooltip": "Which half of the CFG batch receives the subject. 'cond only' strengthens the subject through CFG."}),
+                "apply_to": (APPLY_TO, {"default": "cond and uncond", "tooltip": "Which half of the CFG batch receives the subject. 'cond only' strengthens the subject through CFG."}),
             },
             "optional": {
                 "schedule": (SCHEDULE, {"tooltip": "Weight over the steps (P3S Timestep Weight Scheduler). Without it: the paper's Eq. 10 curve."}),
@@ -38,10 +40,22 @@ class P3SConditionInjector:
         import torch
 
         from ..p3s_core import comfy_backend as backend
+        from ..p3s_core.errors import ScheduleError
         from ..p3s_core.schedule import P3SSchedule
+        from .adapter_nodes import check_adapter
 
+        # --- every input is checked before the VAE / CLIP run -----------------------------------
         backend.check_sd15(model)
+        check_adapter(adapter, "adapter")
+        check_image_batch(reference, "reference")
+        backend.check_vae_sd15(vae)
         backend.check_clip_vit_l(clip_vision)
+        lam = check_number(lam, "lam", 0.0, 2.0, "use a lambda between 0 and 2 (paper: 0.2)")
+        strength = check_number(strength, "strength", 0.0, 5.0, "use a strength between 0 and 5 (0 = the plain model)")
+        check_choice(apply_to, "apply_to", APPLY_TO)
+        if schedule is not None and not isinstance(schedule, P3SSchedule):
+            raise ScheduleError("schedule", f"expected P3S_SCHEDULE, got a {type(schedule).__name__}",
+                                "connect the 'schedule' output of P3S Timestep Weight Scheduler (or leave it empty)")
         schedule = schedule if schedule is not None else P3SSchedule()
         latent, hidden = backend.encode_reference(model, vae, clip_vision, reference)
         p = next(adapter.parameters())

@@ -1,27 +1,12 @@
 """P3S Point Selector node: clicked points (or KJNodes/SAM2 coordinate strings) -> P3S_POINTS."""
 from __future__ import annotations
 
-from .common import CATEGORY, POINTS, image_to_numpy, numpy_to_image
+from .common import CATEGORY, POINTS, check_image_batch, image_to_numpy, numpy_to_image
+
+__all__ = ["P3SPointSelector", "check_image_batch", "draw_points"]
 
 POS_COLOR = (0.1, 0.9, 0.2)
 NEG_COLOR = (0.95, 0.15, 0.15)
-
-
-def check_image_batch(image, input_name: str = "image"):
-    """An IMAGE batch [B,H,W,3] with B >= 1 and a usable size, or a clear error."""
-    from ..p3s_core.errors import ImageInputError
-
-    shape = tuple(getattr(image, "shape", ()))
-    if len(shape) != 4 or shape[0] == 0:
-        raise ImageInputError(input_name, f"expected an IMAGE batch [B,H,W,3], got shape {shape}",
-                              "connect a Load Image node (or any node with an IMAGE output)")
-    if shape[3] != 3:
-        raise ImageInputError(input_name, f"the images have {shape[3]} channels; 3 (RGB) are needed",
-                              "convert the image to RGB first (Load Image gives RGB; drop the alpha channel)")
-    if shape[1] < 14 or shape[2] < 14:
-        raise ImageInputError(input_name, f"the images are {shape[2]}x{shape[1]} pixels, below one CLIP patch",
-                              "use reference photos of at least 64x64 pixels")
-    return shape
 
 
 def draw_points(rgb, image_points, radius: int):

@@ -1,10 +1,12 @@
 """P3S RNGR Mask + Inpaint node (paper Eq. 1-3): points -> subject mask -> distractor removed."""
 from __future__ import annotations
 
-from .common import CATEGORY, POINTS, image_to_numpy, numpy_to_image, numpy_to_mask
-from .points_nodes import check_image_batch, draw_points
+from .common import (CATEGORY, POINTS, check_choice, check_image_batch, check_int, check_number, image_to_numpy,
+                     numpy_to_image, numpy_to_mask)
+from .points_nodes import draw_points
 
 REMOVE = ["distractor", "background", "distractor and background"]
+FILLS = ["biharmonic", "blur", "flat", "none"]
 
 
 def outline(mask):
@@ -54,7 +56,7 @@ class P3SRNGRMaskInpaint:
                 "points": (POINTS, {"tooltip": "Points from P3S Point Selector (one set per image, or one for all)."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (clip-vit-large-patch14), the paper's patch encoder."}),
                 "sigma": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip": "Gaussian smoothing of the similarity map (Eq. 2), in CLIP patches. Lower keeps small subjects sharper."}),
-                "fill": (["biharmonic", "blur", "flat", "none"], {"default": "biharmonic", "tooltip": "How the removed region is filled (Eq. 3). 'none' leaves the photo as is (inpaint downstream with the MASK)."}),
+                "fill": (FILLS, {"default": "biharmonic", "tooltip": "How the removed region is filled (Eq. 3). 'none' leaves the photo as is (inpaint downstream with the MASK)."}),
                 "remove": (REMOVE, {"default": "distractor", "tooltip": "What is removed: the distractor (from the negative points), everything but the subject, or both."}),
                 "grow": ("INT", {"default": 4, "min": 0, "max": 128, "step": 1, "tooltip": "Grow the masks by this many pixels (covers the distractor's edges)."}),
             },
@@ -65,13 +67,23 @@ class P3SRNGRMaskInpaint:
 
         from ..p3s_core import comfy_backend as backend
         from ..p3s_core.errors import PointsError
+        from ..p3s_core.points import P3SPoints
         from ..p3s_core.rngr import inpaint, rngr_mask
 
+        # --- every input is checked before CLIP runs --------------------------------------------
         b, h, w, _ = check_image_batch(image)
-        backend.check_clip_vit_l(clip_vision)
+        if not isinstance(points, P3SPoints):
+            raise PointsError("points", f"expected P3S_POINTS, got a {type(points).__name__}",
+                              "connect the 'points' output of P3S Point Selector")
         if len(points) not in (1, b):
             raise PointsError("points", f"{len(points)} sets of points for {b} images",
                               "give one set of points per image (or one set for all) in P3S Point Selector")
+        points.validate("points")
+        sigma = check_number(sigma, "sigma", 0.0, 4.0, "use a smoothing between 0 and 4 CLIP patches (default 0.75)")
+        grow = check_int(grow, "grow", 0, 128, "use a whole number of pixels between 0 and 128 (default 4)")
+        check_choice(fill, "fill", FILLS)
+        check_choice(remove, "remove", REMOVE)
+        backend.check_clip_vit_l(clip_vision)
         if (points.width, points.height) != (w, h):
             points = points.rescaled(w, h)
         squares, boxes = backend.letterboxed_batch(image)

@@ -43,16 +43,41 @@ class P3STimestepWeightScheduler:
         from ..p3s_core.errors import ScheduleError
         from ..p3s_core.schedule import P3SSchedule, plot_curve
 
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ScheduleError("mode", f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
         values = []
         if mode == "custom":
-            try:
-                values = [float(v) for v in str(custom_values).replace(";", ",").split(",") if v.strip()]
-            except ValueError:
-                raise ScheduleError("custom_values", f"'{custom_values}' is not a list of numbers",
-                                    "write comma-separated numbers such as '0.4, 0.8, 1.2'") from None
+            values = self.parse_custom(custom_values)
         schedule = P3SSchedule(mode=mode, alpha=alpha, beta=beta, k=k, weight=weight, low=low, high=high,
                                values=values, start_percent=start_percent, end_percent=end_percent,
                                strength=strength)
         schedule.validate()
         plot = numpy_to_image([plot_curve(schedule).astype("float32") / 255.0])
         return (schedule, plot)
+
+    @staticmethod
+    def parse_custom(text) -> list[float]:
+        """The 'custom' weights: comma- (or semicolon-) separated, finite, >= 0, at least one."""
+        import math
+
+        from ..p3s_core.errors import ScheduleError
+
+        fix = "write comma-separated weights >= 0 such as '0.4, 0.8, 1.2'"
+        parts = [v.strip() for v in str(text if text is not None else "").replace(";", ",").split(",")]
+        if not any(parts):
+            raise ScheduleError("custom_values", "mode 'custom' needs a list of weights but the list is empty", fix)
+        values = []
+        for i, part in enumerate(parts):
+            if not part:
+                continue
+            try:
+                v = float(part)
+            except ValueError:
+                raise ScheduleError("custom_values", f"'{text}' is not a list of numbers ('{part}' is not a number)",
+                                    fix) from None
+            if not math.isfinite(v):
+                raise ScheduleError("custom_values", f"weight {i + 1} ('{part}') is not a finite number", fix)
+            if v < 0:
+                raise ScheduleError("custom_values", f"weight {i + 1} ({v:g}) is negative", fix)
+            values.append(v)
+        return values

@@ -37,10 +37,36 @@ def check_sd15(model, input_name: str = "model") -> None:
     ctx, ch, adm = cfg.get("context_dim"), cfg.get("model_channels"), cfg.get("adm_in_channels")
     if ctx != 768 or ch != 320 or adm is not None or cfg.get("use_linear_in_transformer"):
         family = {2048: "SDXL", 1024: "SD2.x", 4096: "a DiT (Flux/SD3)"}.get(ctx, "not SD1.5")
+        if cfg.get("image_model"):
+            family = f"a {cfg['image_model']} model"
         raise ModelMismatchError(
             input_name,
             f"the model is {family} (context_dim={ctx}, model_channels={ch}); P3S adapters are made for SD1.5",
             "load an SD1.5 checkpoint (or an SD1.5 fine-tune) and connect its MODEL here")
+    in_ch = cfg.get("in_channels", 4)
+    if in_ch != 4:
+        # The copy runs on the UNet input x_t; an inpainting / instruct UNet gets x_t plus extra
+        # channels there, which the 4-channel copy cannot take (it would fail mid-sampling).
+        raise ModelMismatchError(
+            input_name,
+            f"the UNet takes {in_ch} input channels (an SD1.5 inpainting or instruct-pix2pix model); "
+            "P3S adapters work on the 4-channel SD1.5 UNet",
+            "connect the MODEL of a regular (non-inpainting) SD1.5 checkpoint")
+
+
+def check_vae_sd15(vae, input_name: str = "vae") -> None:
+    """Refuse a VAE whose latents are not SD1.5's 4-channel, 8x latents (e.g. an SD3/Flux VAE)."""
+    if not callable(getattr(vae, "encode", None)) or getattr(vae, "first_stage_model", True) is None:
+        raise ModelMismatchError(input_name, f"this is not a usable ComfyUI VAE (got a {type(vae).__name__})",
+                                 "connect the VAE output of the SD1.5 checkpoint's Load Checkpoint node")
+    channels = getattr(vae, "latent_channels", 4)
+    ratio = getattr(vae, "downscale_ratio", 8)
+    if channels != 4 or ratio != 8:
+        raise ModelMismatchError(
+            input_name,
+            f"the VAE makes {channels}-channel latents at 1/{ratio} scale; SD1.5 uses 4 channels at 1/8 "
+            "(is it an SD3 / Flux / video VAE?)",
+            "connect the VAE of the SD1.5 checkpoint (Load Checkpoint's VAE output)")
 
 
 def check_clip_vit_l(clip_vision, input_name: str = "clip_vision") -> None:

@@ -23,6 +23,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACK_LINK_NAME = "comfyui-p3s"
 MODEL_KINDS = ("checkpoints", "clip_vision", "controlnet")
+# The example workflows name the usual SD1.5 files; in the random-weight demo folder these names are
+# links to the random files, so the shipped workflows run as they are (their images are noise).
+DEMO_ALIASES = {
+    "checkpoints": {"v1-5-pruned-emaonly.safetensors": "p3s_random_sd15.safetensors"},
+    "clip_vision": {"clip-vit-large-patch14.safetensors": "p3s_random_clip_vit_l14.safetensors"},
+    "controlnet": {"control_v11p_sd15_canny.safetensors": "p3s_random_controlnet_sd15.safetensors"},
+}
+EXAMPLE_INPUTS = REPO / "workflows" / "input"
 
 
 class HarnessError(RuntimeError):
@@ -78,8 +86,44 @@ def make_base_dir(base: Path, models_dir: Path | None = None, pack_dir: Path = R
                 target = models / kind / f.name
                 if not target.exists():
                     target.symlink_to(f)
+            for alias, name in DEMO_ALIASES[kind].items():
+                target = models / kind / alias
+                if not target.exists() and (source / kind / name).exists():
+                    target.symlink_to(source / kind / name)
         (models / "p3s").mkdir(parents=True, exist_ok=True)
+    for f in EXAMPLE_INPUTS.glob("*.png"):  # the example workflows' reference photo
+        if not (base / "input" / f.name).exists():
+            shutil.copyfile(f, base / "input" / f.name)
     return base
+
+
+def boot_in_process(base: Path, cpu: bool = True):
+    """The real ComfyUI imported in this process (CPU) with this pack loaded by ComfyUI's own loader.
+
+    Returns ``(nodes module, pack module)``. Order matters: ComfyUI first on ``sys.path`` (its
+    top-level ``nodes``/``utils`` must win over this repo's ``nodes`` package), ``args`` set before
+    ``folder_paths`` is imported, ``utils.extra_config`` before ``nodes``.
+    """
+    import asyncio
+    import importlib
+
+    comfy_dir = comfyui_dir()
+    sys.path.insert(0, str(comfy_dir))
+    for name in [m for m in sys.modules if m == "nodes" or m.startswith("nodes.")]:
+        del sys.modules[name]
+    cli_args = importlib.import_module("comfy.cli_args")
+    cli_args.args.cpu = cpu
+    cli_args.args.base_directory = str(base)
+    importlib.import_module("folder_paths")
+    importlib.import_module("utils.extra_config")
+    nodes = importlib.import_module("nodes")
+    if Path(nodes.__file__).resolve().parent != comfy_dir.resolve():
+        raise HarnessError(f"imported the wrong 'nodes' module: {nodes.__file__}")
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    pack_path = str(Path(base) / "custom_nodes" / PACK_LINK_NAME)
+    if not asyncio.run(nodes.load_custom_node(pack_path)):
+        raise HarnessError("ComfyUI's loader could not import this pack (see the log above)")
+    return nodes, sys.modules[pack_path.replace(".", "_x_")]
 
 
 def free_port() -> int:
@@ -170,7 +214,13 @@ class ComfyServer:
         """Poll ``/history/{id}`` until the prompt ends; returns its history entry."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}", timeout=60)
+            except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise HarnessError(f"ComfyUI died while running {prompt_id}:\n{self.log()[-4000:]}") from e
+                time.sleep(1)  # a busy server (training on the CPU) may answer slowly
+                continue
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):

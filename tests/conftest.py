@@ -11,7 +11,6 @@ seconds. A missing ComfyUI, model or browser is an error, never a skip.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -54,27 +53,11 @@ class InProcessComfy(SimpleNamespace):
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
-    comfy_dir = harness.comfyui_dir()
     base = harness.make_base_dir(tmp_path_factory.mktemp("comfy_inprocess"))
-    # ComfyUI's top-level ``nodes``/``utils`` must win over this repo's ``nodes`` package.
-    sys.path.insert(0, str(comfy_dir))
-    for name in [m for m in sys.modules if m == "nodes" or m.startswith("nodes.")]:
-        del sys.modules[name]
-    import comfy.cli_args
+    nodes, pack = harness.boot_in_process(base)
+    import folder_paths
 
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.base_directory = str(base)
-    import folder_paths  # noqa: F401  (reads base_directory at import)
-    import utils.extra_config  # noqa: F401  (must precede ``import nodes``)
-    import nodes
-
-    assert Path(nodes.__file__).resolve().parent == comfy_dir.resolve(), nodes.__file__
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    pack_path = str(base / "custom_nodes" / harness.PACK_LINK_NAME)
-    loaded = asyncio.run(nodes.load_custom_node(pack_path))
-    assert loaded, "ComfyUI's loader could not import this pack (see the log above)"
-    pack = sys.modules[pack_path.replace(".", "_x_")]
-    return InProcessComfy(dir=comfy_dir, base=base, nodes=nodes, pack=pack, folder_paths=folder_paths)
+    return InProcessComfy(dir=harness.comfyui_dir(), base=base, nodes=nodes, pack=pack, folder_paths=folder_paths)
 
 
 @pytest.fixture(scope="session")

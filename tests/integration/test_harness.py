@@ -73,6 +73,7 @@ def test_random_controlnet_loads_through_loader_node(comfy):
     assert cn.control_model.model_channels == 320
 
 
+@pytest.mark.slow
 def test_random_models_are_seeded_and_cached():
     manifest = json.loads((harness.random_models_dir() / "manifest.json").read_text())
     names = {Path(f["path"]).name for f in manifest["files"].values()}
@@ -115,6 +116,8 @@ def test_txt2img_runs_through_real_server(server):
         assert im.size == (64, 64)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_run_command_runs_smoke_workflow(tmp_path):
     """The README's run command with a workflow: runs it headless and prints the written file."""
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "run.py"), "--workflow", str(SMOKE),
@@ -126,6 +129,8 @@ def test_run_command_runs_smoke_workflow(tmp_path):
     assert printed and all(p.exists() and p.suffix == ".png" for p in printed), proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.comfy
 def test_pack_import_is_lazy():
     """Importing the pack (as ComfyUI does) pulls in none of the heavy libraries."""
     code = f"""

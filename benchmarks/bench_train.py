@@ -1,0 +1,167 @@
+"""P3S Trainer benchmark: time per training step (forward / backward / optimiser) and peak memory.
+
+    # real ComfyUI + the random SD1.5 / CLIP ViT-L (paths from scripts/setup.sh, as scripts/test.sh exports them)
+    eval "$(bash scripts/setup.sh | sed 's/^/export /')"
+    $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 64 --steps 3
+    $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 512 --steps 5 --checkpointing both
+    # tiny plain-torch models (no ComfyUI, seconds)
+    python benchmarks/bench_train.py --tiny --steps 20
+
+Memory: CUDA -> ``torch.cuda.max_memory_allocated`` (reset per configuration); CPU -> the process's
+peak resident set (``resource.getrusage`` maxrss, which only grows: run one configuration per
+process for exact CPU numbers). One JSON line per configuration is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _maxrss_mib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, total_loss):
+    """The training step exactly as p3s_core.train runs it, with a timer around each phase."""
+    import torch
+
+    params = list(adapter.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    adapter.train()
+    opt = torch.optim.AdamW(params, lr=lr, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        for i in range(steps):
+            b = batches[i % len(batches)]
+            sync()
+            t0 = time.perf_counter()
+            l_ldm, l_ac = step_fn(adapter, b.latent.to(device), b.context.to(device),
+                                  b.clip_hidden.to(device), gen)
+            loss = total_loss(l_ldm, l_ac, gamma)
+            sync()
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            opt.step()
+            sync()
+            t3 = time.perf_counter()
+            rows.append({"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2,
+                         "step_s": t3 - t0, "loss": float(loss)})
+    adapter.eval().requires_grad_(False)
+    return rows
+
+
+def _summary(rows, warmup):
+    use = rows[warmup:] or rows
+    return {k: round(statistics.median(r[k] for r in use), 4)
+            for k in ("forward_s", "backward_s", "optimizer_s", "step_s")}
+
+
+def bench_tiny(args):
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests" / "unit"))
+    import test_train as tt  # the unit tests' tiny model
+
+    base, adapter = tt.TinyBase(), tt._adapter()
+    from p3s_core.losses import total_loss
+
+    rows = _timed_steps(adapter, tt._batches(2), base.step_fn, args.steps, 1e-3, 0.1,
+                        torch.device("cpu"), total_loss)
+    return [{"mode": "tiny", "steps": args.steps, **_summary(rows, 1),
+             "peak_rss_mib": round(_maxrss_mib(), 1)}]
+
+
+def bench_comfy(args):
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import harness
+
+    base = harness.make_base_dir(Path(tempfile.mkdtemp(prefix="p3s_bench_")))
+    nodes, pack = harness.boot_in_process(base, cpu=not torch.cuda.is_available() or args.cpu)
+    import comfy.model_management as mm
+
+    core = lambda name: __import__(f"{pack.__name__}.p3s_core.{name}", fromlist=["x"])  # noqa: E731
+    tr, train = core("comfy_backend_train"), core("train")
+    with torch.inference_mode():
+        model, clip, vae = nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(args.checkpoint)[:3]
+        clip_vision = nodes.NODE_CLASS_MAPPINGS["CLIPVisionLoader"]().load_clip(args.clip_vision)[0]
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, args.resolution, args.resolution, 3, generator=g)
+    settings = train.TrainSettings(epochs=1, resolution=args.resolution)
+    device = mm.get_torch_device()
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
+    out = []
+    with torch.inference_mode():
+        batches = tr.cache_inputs(model, clip, vae, clip_vision, images, "a photo of sks dog",
+                                  resolution=args.resolution)
+        for ckpt in modes:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            unet = tr.frozen_unet_copy(model, device)
+            adapter = tr.new_training_adapter(unet)
+            with torch.inference_mode(False):
+                adapter.to(device)
+            ctx = tr.build_step_fn(model, adapter, settings, unet=unet, device=device,
+                                   gradient_checkpointing=ckpt, precision=args.precision)
+            setup_s = time.perf_counter() - t0
+            try:
+                rows = _timed_steps(adapter, batches, ctx.step_fn, args.steps, 1e-5, 0.1, device,
+                                    core("losses").total_loss)
+            finally:
+                ctx.close()
+            row = {"mode": "comfy", "device": str(device), "resolution": args.resolution,
+                   "gradient_checkpointing": ckpt, "precision": args.precision, "steps": args.steps,
+                   "setup_s": round(setup_s, 2), **_summary(rows, 1),
+                   "peak_rss_mib": round(_maxrss_mib(), 1)}
+            if device.type == "cuda":
+                row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            out.append(row)
+            print(json.dumps(row), flush=True)
+            del ctx, unet, adapter
+            import gc
+            gc.collect()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny plain-torch models, no ComfyUI")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (the first is a warm-up)")
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--precision", choices=["auto", "fp32"], default="auto")
+    ap.add_argument("--cpu", action="store_true", help="force ComfyUI's --cpu even with a GPU")
+    ap.add_argument("--checkpoint", default=os.environ.get("P3S_BENCH_CHECKPOINT", "p3s_random_sd15.safetensors"))
+    ap.add_argument("--clip-vision", default=os.environ.get("P3S_BENCH_CLIP_VISION", "p3s_random_clip_vit_l14.safetensors"))
+    args = ap.parse_args(argv)
+    rows = bench_tiny(args) if args.tiny else bench_comfy(args)
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""P3S Trainer node (paper Sec. III-B Eq. 11-15, IV-A): fine-tunes a P3S adapter on the cleaned photos."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from .common import ADAPTER, CATEGORY, numpy_to_image
+
+
+def _estimated_adapter_bytes() -> int:
+    """Size of an SD1.5 adapter file (built on the meta device: no memory, no weights)."""
+    import torch
+
+    from ..p3s_core.adapter import P3SAdapter
+    from ..p3s_core.train import estimate_adapter_bytes
+
+    with torch.device("meta"):
+        return estimate_adapter_bytes(P3SAdapter())
+
+
+def _check_mask(images, mask):
+    """The MASK batch: one mask for all images or one per image, at the images' size."""
+    from ..p3s_core.errors import ImageInputError
+
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3:
+        raise ImageInputError("mask", f"expected a MASK batch [B,H,W], got {tuple(mask.shape)}",
+                              "connect the MASK output of P3S RNGR Mask + Inpaint (or leave it empty)")
+    if mask.shape[0] not in (1, images.shape[0]):
+        raise ImageInputError("mask", f"{mask.shape[0]} masks for {images.shape[0]} images",
+                              "give one mask per image (same order), a single mask, or none")
+    if tuple(mask.shape[-2:]) != tuple(images.shape[1:3]):
+        raise ImageInputError("mask", f"mask size {tuple(mask.shape[-2:])} differs from the image size "
+                              f"{tuple(images.shape[1:3])}", "make the masks from these same images")
+    return mask
+
+
+class P3STrainer:
+    DESCRIPTION = (
+        "Fine-tunes a P3S adapter on the cleaned photos of one subject (paper Sec. III-B): the RNGR encoder "
+        "and the trainable copy learn with L = L_LDM + gamma * L_ac (Eq. 15) while the SD1.5 model stays "
+        "frozen; 10 % of the steps drop the prompt for CFG. The adapter is saved atomically to "
+        "models/p3s/<save_name>.safetensors (every save_every steps and at the end). Shows progress and the "
+        "loss; Cancel stops it and keeps the last completed save. Connect resume_adapter to continue training."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (ADAPTER, "STRING", "IMAGE")
+    RETURN_NAMES = ("adapter", "adapter_name", "loss_plot")
+    OUTPUT_TOOLTIPS = (
+        "The trained adapter, for the P3S Condition Injector.",
+        "The saved file's name in models/p3s, for P3S Adapter Loader.",
+        "The loss per step (blue) and its moving average (orange).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The SD1.5 MODEL to train against (frozen). LoRAs applied to it are trained with."}),
+                "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP text encoder, to encode the prompt."}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE, to encode the photos into latents."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (clip-vit-large-patch14): its last hidden state feeds the RNGR encoder (Eq. 5)."}),
+                "images": ("IMAGE", {"tooltip": "The cleaned photos of the subject (P3S RNGR Mask + Inpaint), 3-5 are typical."}),
+                "prompt": ("STRING", {"default": "a photo of sks dog", "multiline": False, "tooltip": "The training prompt; it must contain the identifier word, e.g. 'a photo of sks dog'."}),
+                "identifier": ("STRING", {"default": "sks", "tooltip": "The rare word [V] that names the subject in prompts."}),
+                "epochs": ("INT", {"default": 60, "min": 1, "max": 10000, "tooltip": "Passes over the photos (paper: 60). Steps = epochs x number of photos."}),
+                "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-7, "max": 1e-2, "step": 1e-6, "round": False, "tooltip": "AdamW learning rate (paper: 1e-5)."}),
+                "gamma": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Weight of the attention consistency loss (Eq. 15, paper: 0.1). 0 turns it off."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "The photos are resized so their short side is this (SD1.5: 512)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Seed of the initialisation, the order, the dropout and the noise: same seed, same adapter."}),
+                "save_name": ("STRING", {"default": "p3s_subject", "tooltip": "File name in models/p3s ('.safetensors' is added). An existing file of that name is replaced."}),
+                "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save every N steps (the same file, atomically), so a cancelled run keeps its progress. 0 = only at the end."}),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Optional subject mask(s) (one per photo or one for all): the denoising loss counts the background at 0.1x, so the subject drives training."}),
+                "resume_adapter": (ADAPTER, {"tooltip": "Continue training this adapter (its step count continues) instead of starting from the base model."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the frozen UNet in the backward pass: less GPU memory, slower steps."}),
+            },
+        }
+
+    def train(self, model, clip, vae, clip_vision, images, prompt, identifier, epochs, learning_rate, gamma,
+              resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing=False):
+        from ..p3s_core import comfy_backend as backend
+        from ..p3s_core import comfy_backend_train as trainer
+        from ..p3s_core.copy_unet import CopyUNetConfig
+        from ..p3s_core.errors import AdapterFileError, ImageInputError, TrainingConfigError
+        from ..p3s_core.train import TrainSettings, plot_losses
+        from .adapter_nodes import _checked_name
+        from .paths import save_folder
+
+        # --- validate everything before any work -----------------------------------------------
+        if images is None or getattr(images, "ndim", 0) != 4 or images.shape[0] == 0 or images.shape[-1] < 3:
+            shape = None if images is None else tuple(getattr(images, "shape", ()))
+            raise ImageInputError("images", f"no usable training images (got {shape})",
+                                  "connect 3-5 cleaned photos of the subject (an IMAGE batch)")
+        mask = _check_mask(images, mask)
+        settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
+                                 resolution=resolution, save_every=save_every,
+                                 identifier=str(identifier).strip())
+        settings.validate(prompt)
+        name = _checked_name(save_name, "save_name")
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        backend.check_sd15(model)
+        trainer.check_eps_prediction(model)
+        backend.check_clip_vit_l(clip_vision)
+        if resume_adapter is not None:
+            cfg = getattr(resume_adapter, "config", None)
+            if cfg != CopyUNetConfig.sd15() or not hasattr(resume_adapter, "training_info"):
+                raise AdapterFileError("resume_adapter", "this is not an SD1.5 P3S adapter",
+                                       "connect a P3S Adapter Loader or P3S Trainer output")
+        folder = save_folder()
+        need = 2 * _estimated_adapter_bytes()
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise TrainingConfigError("save_name", f"only {free / 2**30:.2f} GiB free in {folder}; saving the "
+                                      f"adapter needs about {need / 2**30:.2f} GiB (twice its size, for the "
+                                      "atomic save)", "free disk space or point 'p3s' in extra_model_paths.yaml "
+                                      "to a larger disk")
+        # --- train ---------------------------------------------------------------------------------
+        path = os.path.join(folder, name)
+        adapter, result, start = trainer.run_training(
+            model, clip, vae, clip_vision, images, prompt, settings, path, masks=mask,
+            resume=resume_adapter, gradient_checkpointing=bool(gradient_checkpointing))
+        plot = numpy_to_image([plot_losses(result.losses, 512, 256, start).astype("float32") / 255.0])
+        text = f"{name}: {result.steps} steps, last loss {result.losses[-1]:.5f}" if result.losses else name
+        return {"ui": {"text": [text]}, "result": (adapter, name, plot)}

@@ -1,0 +1,229 @@
+"""Write the example workflows in ``workflows/`` (UI format, loadable in the ComfyUI frontend).
+
+Widget values are laid out from the nodes' own ``INPUT_TYPES`` in the real ComfyUI (in process), so
+the files match the node definitions; ``tests/integration/test_workflows.py`` checks that they still
+do and runs each one through the real frontend and server. Run through the venv:
+``P3S_COMFYUI=... P3S_RANDOM_MODELS=... python scripts/make_workflows.py`` (scripts/test.sh exports them).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+OUT = harness.REPO / "workflows"
+CKPT = "v1-5-pruned-emaonly.safetensors"
+CLIPV = "clip-vit-large-patch14.safetensors"
+CNET = "control_v11p_sd15_canny.safetensors"
+PHOTO = "p3s_two_dogs.png"
+ADAPTER = "p3s_example_dog"
+PROMPT = "a photo of sks dog"
+POINTS = {"version": 1, "width": 512, "height": 384,
+          "images": [{"positive": [[140, 215], [205, 180]], "negative": [[360, 228]]}]}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+class Graph:
+    def __init__(self, defs):
+        self.defs, self.nodes, self.links, self.groups = defs, [], [], []
+
+    def _spec(self, type_):
+        it = self.defs[type_].INPUT_TYPES()
+        return list(it.get("required", {}).items()) + list(it.get("optional", {}).items())
+
+    def node(self, type_, pos, values=None, size=(320, 160), title=None):
+        values = dict(values or {})
+        inputs, widgets = [], []
+        if type_ in ("Note", "MarkdownNote"):
+            widgets = [values["text"]]
+            outs = []
+        else:
+            for name, spec in self._spec(type_):
+                kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+                is_widget = isinstance(kind, list) or (kind in WIDGET_TYPES and not opts.get("forceInput"))
+                if is_widget:
+                    default = opts.get("default", kind[0] if isinstance(kind, list) and kind else None)
+                    widgets.append(values.pop(name, default))
+                    if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                        widgets.append("fixed")
+                    if opts.get("image_upload"):
+                        widgets.append("image")
+                else:
+                    inputs.append({"name": name, "type": kind, "link": None})
+            if values:
+                raise KeyError(f"{type_}: unknown widget(s) {sorted(values)}")
+            cls = self.defs[type_]
+            names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+            outs = [{"name": n, "type": t, "links": [], "slot_index": i}
+                    for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+        nid = len(self.nodes) + 1
+        n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1,
+             "mode": 0, "inputs": inputs, "outputs": outs, "properties": {"Node name for S&R": type_},
+             "widgets_values": widgets}
+        if title:
+            n["title"] = title
+        if type_ in ("Note", "MarkdownNote"):
+            n["color"], n["bgcolor"] = "#432", "#653"
+        self.nodes.append(n)
+        return nid
+
+    def link(self, src, src_slot, dst, dst_name):
+        a = self.nodes[src - 1]
+        b = self.nodes[dst - 1]
+        slot = [i for i, inp in enumerate(b["inputs"]) if inp["name"] == dst_name]
+        if not slot:
+            raise KeyError(f"{b['type']} has no input {dst_name}")
+        lid = len(self.links) + 1
+        ty = a["outputs"][src_slot]["type"]
+        a["outputs"][src_slot]["links"].append(lid)
+        b["inputs"][slot[0]]["link"] = lid
+        self.links.append([lid, src, src_slot, dst, slot[0], ty])
+
+    def group(self, title, box, color="#3f789e"):
+        self.groups.append({"title": title, "bounding": list(box), "color": color, "font_size": 24, "flags": {}})
+
+    def note(self, pos, text, size=(380, 200)):
+        return self.node("Note", pos, {"text": text}, size=size)
+
+    def dump(self, name, title):
+        wf = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+              "links": self.links, "groups": self.groups, "config": {},
+              "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "p3s": {"title": title}}, "version": 0.4}
+        (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
+
+
+def checkpoint(g, pos):
+    return g.node("CheckpointLoaderSimple", pos, {"ckpt_name": CKPT}, size=(320, 100))
+
+
+def select_and_clean(g, x, y):
+    """Load Image -> P3S Point Selector -> RNGR Mask + Inpaint (+ previews). Returns (rngr, clipv, photo)."""
+    photo = g.node("LoadImage", (x, y), {"image": PHOTO}, size=(300, 360))
+    sel = g.node("P3SPointSelector", (x + 330, y), {"points_store": json.dumps(POINTS)}, size=(420, 420))
+    clipv = g.node("CLIPVisionLoader", (x + 330, y + 450), {"clip_name": CLIPV}, size=(320, 60))
+    rngr = g.node("P3SRNGRMaskInpaint", (x + 780, y), {}, size=(320, 240))
+    prev = g.node("PreviewImage", (x + 780, y + 280), {}, size=(320, 260), title="RNGR preview")
+    g.link(photo, 0, sel, "image")
+    g.link(photo, 0, rngr, "image")
+    g.link(sel, 0, rngr, "points")
+    g.link(clipv, 0, rngr, "clip_vision")
+    g.link(rngr, 3, prev, "images")
+    return rngr, clipv, photo
+
+
+def trainer(g, x, y, ckpt, clipv, rngr):
+    t = g.node("P3STrainer", (x, y), {"prompt": PROMPT, "identifier": "sks", "save_name": ADAPTER}, size=(360, 420))
+    loss = g.node("PreviewImage", (x + 390, y), {}, size=(320, 260), title="loss curve")
+    g.link(ckpt, 0, t, "model")
+    g.link(ckpt, 1, t, "clip")
+    g.link(ckpt, 2, t, "vae")
+    g.link(clipv, 0, t, "clip_vision")
+    g.link(rngr, 0, t, "images")
+    g.link(rngr, 1, t, "mask")
+    g.link(t, 2, loss, "images")
+    return t
+
+
+def generate(g, x, y, ckpt, adapter_src, reference_src, clipv, controlnet=False, cn_image=None):
+    """Scheduler -> Injector -> KSampler (DDIM 50, CFG 7.5) -> Save Image."""
+    sched = g.node("P3STimestepWeightScheduler", (x, y), {}, size=(320, 340))
+    plot = g.node("PreviewImage", (x, y + 370), {}, size=(320, 200), title="schedule")
+    inj = g.node("P3SConditionInjector", (x + 350, y), {}, size=(340, 240))
+    pos = g.node("CLIPTextEncode", (x + 350, y + 270), {"text": "a photo of sks dog on the beach"}, size=(340, 120))
+    neg = g.node("CLIPTextEncode", (x + 350, y + 420), {"text": "blurry, low quality"}, size=(340, 120))
+    latent = g.node("EmptyLatentImage", (x + 720, y + 330), {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
+    ks = g.node("KSampler", (x + 720, y), {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "ddim",
+                                           "scheduler": "ddim_uniform"}, size=(300, 300))
+    dec = g.node("VAEDecode", (x + 1050, y), {}, size=(200, 60))
+    save = g.node("SaveImage", (x + 1050, y + 100), {"filename_prefix": "p3s/p3s"}, size=(320, 340))
+    g.link(sched, 1, plot, "images")
+    g.link(ckpt, 0, inj, "model")
+    g.link(adapter_src[0], adapter_src[1], inj, "adapter")
+    g.link(reference_src[0], reference_src[1], inj, "reference")
+    g.link(ckpt, 2, inj, "vae")
+    g.link(clipv, 0, inj, "clip_vision")
+    g.link(sched, 0, inj, "schedule")
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    g.link(inj, 0, ks, "model")
+    if controlnet:
+        cn = g.node("ControlNetLoader", (x + 350, y + 570), {"control_net_name": CNET}, size=(340, 60))
+        canny = g.node("Canny", (x + 350, y + 660), {"low_threshold": 0.4, "high_threshold": 0.8}, size=(340, 90))
+        apply = g.node("ControlNetApplyAdvanced", (x + 720, y + 470),
+                       {"strength": 0.8, "start_percent": 0.0, "end_percent": 0.8}, size=(300, 170))
+        g.link(cn_image[0], cn_image[1], canny, "image")
+        g.link(pos, 0, apply, "positive")
+        g.link(neg, 0, apply, "negative")
+        g.link(cn, 0, apply, "control_net")
+        g.link(canny, 0, apply, "image")
+        g.link(ckpt, 2, apply, "vae")
+        g.link(apply, 0, ks, "positive")
+        g.link(apply, 1, ks, "negative")
+    else:
+        g.link(pos, 0, ks, "positive")
+        g.link(neg, 0, ks, "negative")
+    g.link(latent, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples")
+    g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+
+
+def build(defs):
+    OUT.mkdir(exist_ok=True)
+    # 1. select and train
+    g = Graph(defs)
+    rngr, clipv, _ = select_and_clean(g, 0, 0)
+    ckpt = checkpoint(g, (1130, 0))
+    trainer(g, 1130, 140, ckpt, clipv, rngr)
+    g.note((0, 540), "P3S, step 1: select and train.\n\n1. Load 3-5 photos of your subject (here one example photo with two look-alike dogs).\n"
+           "2. In P3S Point Selector click the subject (green); right-click the look-alike distractor (red).\n"
+           "3. RNGR Mask + Inpaint masks the subject with CLIP ViT-L/14 patch similarity and fills the distractor.\n"
+           "4. P3S Trainer fine-tunes the adapter (paper: 60 epochs, lr 1e-5) and saves models/p3s/"
+           f"{ADAPTER}.safetensors.\n\nThen open p3s_generate.")
+    g.dump("p3s_select_and_train", "P3S: select and train")
+    # 2. generate
+    g = Graph(defs)
+    ckpt = checkpoint(g, (0, 0))
+    adapter = g.node("P3SAdapterLoader", (0, 140), {"adapter_name": f"{ADAPTER}.safetensors"}, size=(320, 60))
+    clipv = g.node("CLIPVisionLoader", (0, 230), {"clip_name": CLIPV}, size=(320, 60))
+    ref = g.node("LoadImage", (0, 320), {"image": PHOTO}, size=(300, 340), title="reference (cleaned photo)")
+    generate(g, 360, 0, ckpt, (adapter, 0), (ref, 0), clipv)
+    g.note((0, 700), "P3S, step 2: generate.\n\nThe Condition Injector patches the MODEL with the adapter trained in "
+           "p3s_select_and_train; the subject follows the prompt's identifier (sks). Paper settings: DDIM, 50 steps, "
+           "CFG 7.5. The scheduler sets how strongly the subject is injected over the steps (Eq. 10). For best "
+           "results load the cleaned reference saved from RNGR.")
+    g.dump("p3s_generate", "P3S: generate")
+    # 3. generate with ControlNet
+    g = Graph(defs)
+    ckpt = checkpoint(g, (0, 0))
+    adapter = g.node("P3SAdapterLoader", (0, 140), {"adapter_name": f"{ADAPTER}.safetensors"}, size=(320, 60))
+    clipv = g.node("CLIPVisionLoader", (0, 230), {"clip_name": CLIPV}, size=(320, 60))
+    ref = g.node("LoadImage", (0, 320), {"image": PHOTO}, size=(300, 340), title="reference (cleaned photo)")
+    generate(g, 360, 0, ckpt, (adapter, 0), (ref, 0), clipv, controlnet=True, cn_image=(ref, 0))
+    g.note((0, 700), "P3S with ControlNet: the P3S patch lives on the MODEL, ControlNet on the conditioning; both "
+           "act in the same KSampler. Here a Canny ControlNet keeps the reference's layout.")
+    g.dump("p3s_generate_controlnet", "P3S: generate with ControlNet")
+    # 4. one graph from clicks to images
+    g = Graph(defs)
+    rngr, clipv, _ = select_and_clean(g, 0, 0)
+    ckpt = checkpoint(g, (1130, 0))
+    t = trainer(g, 1130, 140, ckpt, clipv, rngr)
+    generate(g, 1860, 0, ckpt, (t, 0), (rngr, 0), clipv)
+    g.note((0, 540), "P3S from clicks to images in one graph: points -> mask + inpaint -> train -> inject -> sample. "
+           "Training runs again only when its inputs change (ComfyUI caches node outputs).")
+    g.dump("p3s_clicks_to_images", "P3S: from clicks to images")
+
+
+def main():
+    base = harness.make_base_dir(Path(tempfile.mkdtemp(prefix="p3s_wf_")))
+    nodes, _ = harness.boot_in_process(base)
+    build(nodes.NODE_CLASS_MAPPINGS)
+    print("\n".join(sorted(str(p) for p in OUT.glob("*.json"))))
+
+
+if __name__ == "__main__":
+    main()

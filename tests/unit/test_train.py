@@ -1,0 +1,359 @@
+"""The training loop (Eq. 11-15) on tiny plain-torch models: learning, determinism, dropout,
+cancel, divergence, settings validation, the masked L_LDM and the loss plot."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from p3s_core.adapter import load_adapter, new_adapter, save_adapter
+from p3s_core.copy_unet import ATTN_MAP_KEY, CopyUNetConfig
+from p3s_core.errors import TrainingConfigError, TrainingDivergedError
+from p3s_core.losses import attention_consistency_loss
+from p3s_core.train import (TrainBatch, TrainSettings, contains_identifier, estimate_adapter_bytes,
+                            masked_ldm_loss, plot_losses, train_adapter)
+
+TINY = CopyUNetConfig.tiny()           # widths 32/64/128, context 32
+ENC = dict(clip_dim=16, encoder_inner_dim=8)
+TOKENS, HW = 6, 8                      # text tokens, latent side
+
+
+def _batches(n=2, seed=0, mask=False):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        out.append(TrainBatch(
+            latent=torch.randn(1, 4, HW, HW, generator=g),
+            context=torch.randn(1, TOKENS, TINY.context_dim, generator=g),
+            uncond=torch.zeros(1, TOKENS, TINY.context_dim),
+            clip_hidden=torch.randn(1, 5, ENC["clip_dim"], generator=g),
+            mask=(torch.rand(1, 1, HW, HW, generator=g) > 0.5).float() if mask else None))
+    return out
+
+
+class TinyBase(torch.nn.Module):
+    """A frozen stand-in for the base UNet: eps = conv(x_t) + proj(f_input_1) (the copy's level-0
+    feature enters the prediction like the injection does), plus a fixed 'original' attention map."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(42)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.proj = torch.nn.Conv2d(TINY.level_channels[0], 4, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        self.m_o = torch.softmax(torch.randn(1, HW * HW, TOKENS, generator=g) * 2, dim=-1)
+        self.requires_grad_(False)
+
+    def step_fn(self, adapter, x0, context, clip_hidden, generator, mask=None):
+        t = torch.randint(0, 1000, (1,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        ab = torch.cos((t.float() / 1000) * math.pi / 2) ** 2 * 0.99 + 0.005
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        i2 = adapter.encode_reference(x0, clip_hidden)
+        out = adapter.copy(xt, t.float(), context, i2, return_attn_map=True)
+        f = out["input_1"].transpose(1, 2).reshape(1, -1, HW, HW)
+        pred = self.conv(xt) + self.proj(f)
+        l_ldm = masked_ldm_loss(noise, pred, mask)
+        l_ac = attention_consistency_loss(out[ATTN_MAP_KEY], self.m_o)
+        return l_ldm, l_ac
+
+
+def _adapter(seed=0):
+    return new_adapter(TINY, seed=seed, **ENC)
+
+
+def _state(adapter):
+    return {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+
+
+# --- learning -------------------------------------------------------------------------------------
+def test_loss_goes_down_on_a_tiny_problem():
+    base, adapter = TinyBase(), _adapter()
+    before = _state(adapter)
+    settings = TrainSettings(epochs=60, lr=2e-3, gamma=0.1, cond_dropout=0.0, seed=1, weight_decay=0.0)
+    res = train_adapter(adapter, _batches(2), base.step_fn, settings)
+    assert res.steps == 120 and len(res.losses) == 120
+    first, last = np.mean(res.losses[:20]), np.mean(res.losses[-20:])
+    assert last < 0.6 * first, (first, last)
+    # the parts add up as Eq. 15 says
+    for tot, ldm, ac in zip(res.losses, res.ldm_losses, res.ac_losses):
+        assert tot == pytest.approx(ldm + 0.1 * ac, rel=1e-5)
+    # the zero convs and the encoder's Z left zero (they had gradients)
+    after = adapter.state_dict()
+    assert not torch.equal(before["copy.zero_convs.input_1.weight"], after["copy.zero_convs.input_1.weight"])
+    assert not torch.equal(before["encoder.zero_conv.weight"], after["encoder.zero_conv.weight"])
+    assert not adapter.training and not any(p.requires_grad for p in adapter.parameters())
+
+
+def test_only_adapter_parameters_change():
+    base, adapter = TinyBase(), _adapter()
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    train_adapter(adapter, _batches(1), base.step_fn, TrainSettings(epochs=3, lr=1e-3))
+    for k, v in base.state_dict().items():
+        assert torch.equal(frozen[k], v), k
+
+
+def test_same_seed_same_adapter_and_same_bytes(tmp_path):
+    runs = []
+    for i in range(2):
+        base, adapter = TinyBase(), _adapter()
+        res = train_adapter(adapter, _batches(3), base.step_fn,
+                            TrainSettings(epochs=2, lr=1e-3, seed=5, cond_dropout=0.3))
+        adapter.training_info = {"steps": res.steps}
+        path = save_adapter(adapter, tmp_path / f"run{i}.safetensors")
+        runs.append((_state(adapter), res.losses, path.read_bytes()))
+    (s0, l0, b0), (s1, l1, b1) = runs
+    assert l0 == l1
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert b0 == b1
+    # another seed gives another adapter (the check above can fail)
+    base, adapter = TinyBase(), _adapter()
+    train_adapter(adapter, _batches(3), base.step_fn, TrainSettings(epochs=2, lr=1e-3, seed=6, cond_dropout=0.3))
+    assert not torch.equal(s0["copy.zero_convs.input_1.weight"], adapter.state_dict()["copy.zero_convs.input_1.weight"])
+    # and the saved file loads back to the same tensors
+    back = load_adapter(tmp_path / "run0.safetensors")
+    assert all(torch.equal(back.state_dict()[k], s0[k]) for k in s0)
+
+
+# --- condition dropout, order, generator ------------------------------------------------------------
+class _Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+
+def test_condition_dropout_rate_and_exact_draws():
+    batches = _batches(4)
+    seen = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator):
+        idx = next(i for i, b in enumerate(batches) if b.latent is x0)
+        seen.append((idx, context is batches[idx].uncond))
+        assert context is batches[idx].uncond or context is batches[idx].context
+        return (adapter.w ** 2).sum(), torch.zeros(())
+
+    settings = TrainSettings(epochs=500, lr=1e-4, cond_dropout=0.1, seed=3)
+    res = train_adapter(_Counter(), batches, step_fn, settings)
+    drops = sum(d for _, d in seen)
+    assert len(seen) == 2000 and res.dropped == drops
+    assert 140 <= drops <= 260, drops          # 10 % of 2000, +-4.5 standard deviations
+    # reference: the same draws from an independent replay of the seeded generator
+    g = torch.Generator().manual_seed(3)
+    expected = []
+    for _ in range(500):
+        order = torch.randperm(4, generator=g).tolist()
+        for i in order:
+            expected.append((i, bool(torch.rand((), generator=g).item() < 0.1)))
+    assert seen == expected
+    # every epoch is one pass over all images
+    for e in range(500):
+        assert sorted(i for i, _ in seen[4 * e:4 * e + 4]) == [0, 1, 2, 3]
+    seen.clear()
+    res0 = train_adapter(_Counter(), batches, step_fn, TrainSettings(epochs=50, cond_dropout=0.0))
+    assert res0.dropped == 0 and not any(d for _, d in seen)
+
+
+def test_resume_continues_the_step_count_with_new_draws():
+    calls = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator):
+        calls.append(torch.rand((), generator=generator).item())
+        return (adapter.w ** 2).sum(), torch.zeros(())
+
+    steps = []
+    res = train_adapter(_Counter(), _batches(2), step_fn, TrainSettings(epochs=2), start_step=7,
+                        on_step=lambda s, t, l: steps.append((s, t)))
+    assert steps == [(8, 11), (9, 11), (10, 11), (11, 11)] and res.steps == 11
+    resumed = list(calls)
+    calls.clear()
+    train_adapter(_Counter(), _batches(2), step_fn, TrainSettings(epochs=2))
+    assert calls != resumed
+
+
+# --- cancel and divergence -------------------------------------------------------------------------
+class Cancelled(Exception):
+    pass
+
+
+def test_on_step_raising_stops_at_once():
+    base, adapter = TinyBase(), _adapter()
+    calls = []
+
+    def step_fn(*args, **kw):
+        calls.append(1)
+        return base.step_fn(*args, **kw)
+
+    def on_step(step, total, loss):
+        assert total == 8 and math.isfinite(loss)
+        if step == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        train_adapter(adapter, _batches(2), step_fn, TrainSettings(epochs=4, lr=1e-3), on_step=on_step)
+    assert len(calls) == 3
+    assert not adapter.training and not any(p.requires_grad for p in adapter.parameters())
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_weights():
+    base, adapter = TinyBase(), _adapter()
+    snaps = {}
+    n = [0]
+
+    def step_fn(*args, **kw):
+        n[0] += 1
+        l_ldm, l_ac = base.step_fn(*args, **kw)
+        if n[0] == 4:
+            l_ldm = l_ldm * float("nan")
+        return l_ldm, l_ac
+
+    def on_step(step, total, loss):
+        snaps[step] = _state(adapter)
+
+    with pytest.raises(TrainingDivergedError) as err:
+        train_adapter(adapter, _batches(2), step_fn, TrainSettings(epochs=3, lr=1e-3), on_step=on_step)
+    assert "step 4" in str(err.value) and err.value.input_name == "learning_rate"
+    assert max(snaps) == 3
+    now = adapter.state_dict()
+    assert all(torch.equal(now[k], snaps[3][k]) for k in now)
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_non_finite_gradient_raises_before_the_update():
+    model = _Counter()
+
+    def step_fn(adapter, *a, **k):
+        return _NanGrad.apply(adapter.w).sum() + 1.0, torch.zeros(())
+
+    with pytest.raises(TrainingDivergedError, match="gradients"):
+        train_adapter(model, _batches(1), step_fn, TrainSettings(epochs=1))
+    assert torch.equal(model.w.detach(), torch.ones(1))
+
+
+def test_runs_under_inference_mode_like_comfyui():
+    base, adapter = TinyBase(), _adapter()
+    with torch.inference_mode():
+        res = train_adapter(adapter, _batches(1), base.step_fn, TrainSettings(epochs=2, lr=1e-3))
+    assert res.steps == 2 and all(math.isfinite(v) for v in res.losses)
+
+
+# --- settings -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,field", [
+    (dict(epochs=0), "epochs"),
+    (dict(epochs=2.5), "epochs"),
+    (dict(lr=0.0), "learning_rate"),
+    (dict(lr=-1e-5), "learning_rate"),
+    (dict(lr=float("nan")), "learning_rate"),
+    (dict(lr=float("inf")), "learning_rate"),
+    (dict(gamma=-0.1), "gamma"),
+    (dict(cond_dropout=1.0), "cond_dropout"),
+    (dict(cond_dropout=-0.01), "cond_dropout"),
+    (dict(resolution=500), "resolution"),
+    (dict(save_every=-1), "save_every"),
+    (dict(identifier="two words"), "identifier"),
+    (dict(identifier=""), "identifier"),
+    (dict(ac_layers="middle"), "ac_layers"),
+    (dict(seed=-1), "seed"),
+    (dict(mask_background_weight=2.0), "mask_background_weight"),
+])
+def test_bad_settings_name_the_field(kw, field):
+    with pytest.raises(TrainingConfigError) as err:
+        TrainSettings(**kw).validate()
+    assert err.value.input_name == field
+    assert f"input '{field}'" in str(err.value) and "Fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("prompt", ["a photo of a dog", "a photo of sksdog", "a photo of SKS dog", "", "  "])
+def test_prompt_without_the_identifier_is_refused(prompt):
+    with pytest.raises(TrainingConfigError) as err:
+        TrainSettings().validate(prompt)
+    assert err.value.input_name == "prompt"
+
+
+def test_good_settings_pass_and_identifier_is_a_word():
+    assert TrainSettings().validate("a photo of sks dog") is not None
+    assert TrainSettings(identifier="zwx").validate("zwx, a cat on a sofa")
+    assert contains_identifier("photo of (sks) dog", "sks")
+    assert not contains_identifier("photo of asks dog", "sks")
+
+
+def test_loop_validates_before_any_step():
+    calls = []
+    with pytest.raises(TrainingConfigError):
+        train_adapter(_Counter(), _batches(1), lambda *a: calls.append(1), TrainSettings(lr=0))
+    with pytest.raises(TrainingConfigError) as err:
+        train_adapter(_Counter(), [], lambda *a: calls.append(1), TrainSettings())
+    assert err.value.input_name == "images" and not calls
+
+
+# --- masked L_LDM ----------------------------------------------------------------------------------
+def test_masked_ldm_loss_matches_an_explicit_loop():
+    g = torch.Generator().manual_seed(0)
+    noise, pred = torch.randn(1, 4, 3, 5, generator=g), torch.randn(1, 4, 3, 5, generator=g)
+    mask = torch.rand(1, 1, 3, 5, generator=g)
+    num = den = 0.0
+    for c in range(4):
+        for y in range(3):
+            for x in range(5):
+                w = float(mask[0, 0, y, x]) + 0.25 * (1 - float(mask[0, 0, y, x]))
+                num += w * (float(pred[0, c, y, x]) - float(noise[0, c, y, x])) ** 2
+                den += w
+    assert float(masked_ldm_loss(noise, pred, mask, 0.25)) == pytest.approx(num / den, rel=1e-5)
+    plain = sum((float(a) - float(b)) ** 2 for a, b in zip(pred.flatten(), noise.flatten())) / pred.numel()
+    assert float(masked_ldm_loss(noise, pred, None)) == pytest.approx(plain, rel=1e-5)
+    assert float(masked_ldm_loss(noise, pred, mask, 1.0)) == pytest.approx(plain, rel=1e-5)
+    assert float(masked_ldm_loss(noise, pred, torch.ones(1, 1, 3, 5), 0.0)) == pytest.approx(plain, rel=1e-5)
+
+
+def test_mask_reaches_step_fn_only_when_given():
+    got = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator, **kw):
+        got.append(kw.get("mask"))
+        return (adapter.w ** 2).sum(), torch.zeros(())
+
+    batches = _batches(2, mask=True)
+    train_adapter(_Counter(), batches, step_fn, TrainSettings(epochs=1))
+    assert all(any(m is b.mask for b in batches) for m in got) and len(got) == 2
+    got.clear()
+    train_adapter(_Counter(), _batches(2), step_fn, TrainSettings(epochs=1))
+    assert got == [None, None]
+
+
+# --- size estimate and plot --------------------------------------------------------------------------
+def test_size_estimate_covers_the_saved_file(tmp_path):
+    adapter = _adapter()
+    size = save_adapter(adapter, tmp_path / "a.safetensors").stat().st_size
+    est = estimate_adapter_bytes(adapter)
+    assert est - (1 << 20) < size <= est
+
+
+def test_loss_plot_draws_the_curve():
+    losses = [1.0 / (1 + 0.1 * i) for i in range(50)]
+    img = plot_losses(losses, 320, 160)
+    assert img.shape == (160, 320, 3) and img.dtype == np.uint8
+    blue = (img[..., 0] == 120) & (img[..., 1] == 160) & (img[..., 2] == 220)
+    orange = (img[..., 0] == 255) & (img[..., 1] == 170) & (img[..., 2] == 40)
+    assert blue.sum() > 10 and orange.sum() > 100
+    # a falling loss: the curve starts high on the left and ends low on the right
+    curve = blue | orange
+    cols = np.where(curve.any(axis=0))[0]
+    assert cols[-1] - cols[0] > 200  # spans the plot
+    left_rows = np.where(curve[:, cols[0]])[0]
+    right_rows = np.where(curve[:, cols[-1]])[0]
+    assert left_rows.mean() + 60 < right_rows.mean()
+    empty = plot_losses([], 200, 100)
+    assert empty.shape == (100, 200, 3)
