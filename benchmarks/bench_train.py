@@ -5,7 +5,7 @@
     $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 64 --steps 3
     $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 512 --steps 5 --checkpointing both
     # tiny plain-torch models (no ComfyUI, seconds)
-    python benchmarks/bench_train.py --tiny --steps 20
+    $P3S_VENV/bin/python benchmarks/bench_train.py --tiny --steps 20
 
 Memory: CUDA -> ``torch.cuda.max_memory_allocated`` (reset per configuration); CPU -> the process's
 peak resident set (``resource.getrusage`` maxrss, which only grows: run one configuration per
@@ -31,7 +31,7 @@ def _maxrss_mib() -> float:
     return r / 1024 if sys.platform != "darwin" else r / 2**20
 
 
-def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, total_loss):
+def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, train):
     """The training step exactly as p3s_core.train runs it, with a timer around each phase."""
     import torch
 
@@ -39,7 +39,7 @@ def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, total_loss
     for p in params:
         p.requires_grad_(True)
     adapter.train()
-    opt = torch.optim.AdamW(params, lr=lr, foreach=False)
+    opt = train.make_optimizer(params, train.TrainSettings(lr=lr))
     gen = torch.Generator().manual_seed(0)
     rows = []
 
@@ -54,7 +54,7 @@ def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, total_loss
             t0 = time.perf_counter()
             l_ldm, l_ac = step_fn(adapter, b.latent.to(device), b.context.to(device),
                                   b.clip_hidden.to(device), gen)
-            loss = total_loss(l_ldm, l_ac, gamma)
+            loss = l_ldm + gamma * l_ac  # Eq. 15
             sync()
             t1 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -65,7 +65,7 @@ def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, total_loss
             sync()
             t3 = time.perf_counter()
             rows.append({"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": t3 - t2,
-                         "step_s": t3 - t0, "loss": float(loss)})
+                         "step_s": t3 - t0, "loss": float(loss.detach())})
     adapter.eval().requires_grad_(False)
     return rows
 
@@ -84,10 +84,10 @@ def bench_tiny(args):
     import test_train as tt  # the unit tests' tiny model
 
     base, adapter = tt.TinyBase(), tt._adapter()
-    from p3s_core.losses import total_loss
+    from p3s_core import train
 
     rows = _timed_steps(adapter, tt._batches(2), base.step_fn, args.steps, 1e-3, 0.1,
-                        torch.device("cpu"), total_loss)
+                        torch.device("cpu"), train)
     return [{"mode": "tiny", "steps": args.steps, **_summary(rows, 1),
              "peak_rss_mib": round(_maxrss_mib(), 1)}]
 
@@ -129,8 +129,7 @@ def bench_comfy(args):
                                    gradient_checkpointing=ckpt, precision=args.precision)
             setup_s = time.perf_counter() - t0
             try:
-                rows = _timed_steps(adapter, batches, ctx.step_fn, args.steps, 1e-5, 0.1, device,
-                                    core("losses").total_loss)
+                rows = _timed_steps(adapter, batches, ctx.step_fn, args.steps, 1e-5, 0.1, device, train)
             finally:
                 ctx.close()
             row = {"mode": "comfy", "device": str(device), "resolution": args.resolution,

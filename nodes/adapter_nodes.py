@@ -39,7 +39,9 @@ def resolve_adapter(name: str) -> str:
 
     from ..p3s_core.errors import AdapterFileError
 
-    name = _checked_name(name, "adapter_name")
+    name = str(name).strip()
+    if name not in list_adapters():  # names the dropdown lists may sit in subfolders ("sub/x.safetensors")
+        name = _checked_name(name, "adapter_name")
     path = folder_paths.get_full_path("p3s", name)
     if path is None or not os.path.isfile(path):
         raise AdapterFileError("adapter_name", f"'{name}' was not found; searched: {', '.join(adapter_folders())}",

@@ -55,9 +55,10 @@ class P3SPointSelector:
                 "coordinates_positive": ("STRING", {"forceInput": True, "tooltip": "KJNodes/SAM2 points on the subject, e.g. [{\"x\": 312, \"y\": 205}] (pixels or 0-1). Replace the clicks when connected."}),
                 "coordinates_negative": ("STRING", {"forceInput": True, "tooltip": "KJNodes/SAM2 points on the distractor, same format."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def select(self, image, points_store="", coordinates_positive=None, coordinates_negative=None):
+    def select(self, image, points_store="", coordinates_positive=None, coordinates_negative=None, unique_id=None):
         from ..p3s_core.errors import PointsError
         from ..p3s_core.points import P3SPoints, points_from_strings
 
@@ -70,6 +71,7 @@ class P3SPointSelector:
         elif str(points_store or "").strip():
             points = P3SPoints.from_widget_state(points_store, w, h, b, input_name="points_store")
         else:
+            self._show_images_in_widget(image, unique_id)  # so the user can click after this run
             raise PointsError("points_store", "no point was clicked",
                               "click on the subject in the node's picture (right-click marks a distractor)")
         radius = max(3, round(min(h, w) / 60))
@@ -77,6 +79,19 @@ class P3SPointSelector:
         pos, neg = points.to_coordinate_strings(0)
         return {"ui": {"p3s_images": self._temp_images(image)},
                 "result": (points, pos, neg, numpy_to_image(previews))}
+
+    @classmethod
+    def _show_images_in_widget(cls, image, unique_id):
+        """Send the batch to the canvas widget when the run stops for lack of points (the images
+        cannot be shown before a run when they do not come straight from a Load Image node)."""
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        instance = getattr(PromptServer, "instance", None)
+        if instance is None or unique_id is None:
+            return
+        instance.send_sync("p3s.point_selector.images", {"node": unique_id, "p3s_images": cls._temp_images(image)})
 
     @staticmethod
     def _temp_images(image):

@@ -88,7 +88,7 @@ class P3STrainer:
         from ..p3s_core import comfy_backend as backend
         from ..p3s_core import comfy_backend_train as trainer
         from ..p3s_core.copy_unet import CopyUNetConfig
-        from ..p3s_core.errors import AdapterFileError, ImageInputError, TrainingConfigError
+        from ..p3s_core.errors import AdapterFileError, ImageInputError, ModelMismatchError, TrainingConfigError
         from ..p3s_core.train import TrainSettings, plot_losses
         from .adapter_nodes import _checked_name
         from .paths import save_folder
@@ -109,11 +109,21 @@ class P3STrainer:
         backend.check_sd15(model)
         trainer.check_eps_prediction(model)
         backend.check_clip_vit_l(clip_vision)
+        if not (hasattr(clip, "tokenize") and hasattr(clip, "encode_from_tokens")):
+            raise ModelMismatchError("clip", "this is not a ComfyUI CLIP text encoder",
+                                     "connect the CLIP output of the SD1.5 checkpoint loader")
+        if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
+            raise ModelMismatchError("vae", "this is not a ComfyUI VAE",
+                                     "connect the VAE output of the SD1.5 checkpoint loader")
         if resume_adapter is not None:
             cfg = getattr(resume_adapter, "config", None)
-            if cfg != CopyUNetConfig.sd15() or not hasattr(resume_adapter, "training_info"):
+            if cfg != CopyUNetConfig.sd15() or not isinstance(getattr(resume_adapter, "training_info", None), dict):
                 raise AdapterFileError("resume_adapter", "this is not an SD1.5 P3S adapter",
                                        "connect a P3S Adapter Loader or P3S Trainer output")
+            steps = resume_adapter.training_info.get("steps", 0)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise AdapterFileError("resume_adapter", f"its step count {steps!r} is not a whole number >= 0",
+                                       "resume from an adapter saved by the P3S Trainer")
         folder = save_folder()
         need = 2 * _estimated_adapter_bytes()
         free = shutil.disk_usage(folder).free

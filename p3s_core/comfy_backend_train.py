@@ -54,12 +54,12 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from .copy_unet import ATTN_MAP_KEY, LAYER_MAP
-from .errors import ImageInputError, ModelMismatchError, TrainingConfigError
+from .errors import ImageInputError, ModelMismatchError, TrainingConfigError, TrainingDivergedError
 from .losses import attention_consistency_loss, attention_probs
 from .train import TrainBatch, TrainSettings, masked_ldm_loss
 
@@ -452,7 +452,11 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         batches = cache_inputs(model, clip, vae, clip_vision, images, prompt, masks,
                                settings.resolution)
         unet = frozen_unet_copy(model, device)
+        if device.type == "cuda":  # the copy replaces the loaded UNet for the whole run
+            mm.unload_all_models()
+            mm.soft_empty_cache()
         adapter = new_training_adapter(unet, resume, settings.seed)
+        _warn_if_other_base(adapter, unet)
         with torch.inference_mode(False):
             adapter.to(device)
         info_base = {"prompt": prompt, "images": len(batches), "settings": settings.to_dict()}
@@ -467,9 +471,12 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
             mm.throw_exception_if_processing_interrupted()
             return ctx.step_fn(*args, **kwargs)
 
+        saved: list[int] = []
+
         def save(step, loss):
             adapter.training_info = dict(info_base, steps=int(step), loss=float(loss))
             save_adapter(adapter, save_path)
+            saved.append(int(step))
 
         def on_step(step, total, loss):
             losses.append(loss)
@@ -483,8 +490,13 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
             if settings.save_every and local % settings.save_every == 0 and local != local_total:
                 save(step, loss)
 
-        result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step,
-                               start_step=start_step, device=device)
+        try:
+            result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step,
+                                   start_step=start_step, device=device)
+        except TrainingDivergedError as exc:
+            kept = (f"the save of step {saved[-1]} in {save_path} is kept" if saved
+                    else f"nothing was saved by this run ({save_path} is unchanged)")
+            raise TrainingDivergedError(exc.input_name, f"{exc.problem}; {kept}", exc.fix) from exc
         with torch.inference_mode(False):
             adapter.to(mm.unet_offload_device())
         save(result.steps, result.losses[-1] if result.losses else float("nan"))
@@ -495,6 +507,21 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         del ctx, unet, batches
         gc.collect()
         mm.soft_empty_cache()
+
+
+def _warn_if_other_base(adapter, unet) -> None:
+    """Log a warning when a resumed adapter was trained on another base UNet (it still trains)."""
+    from .adapter import unet_fingerprint
+    from .copy_unet import ldm_key_map
+
+    if not adapter.base_unet_hash:
+        return
+    keys = list(ldm_key_map(adapter.copy).values())
+    current = unet_fingerprint(unet.state_dict(), keys)
+    if current != adapter.base_unet_hash:
+        log.warning("[P3S Trainer] the resumed adapter was initialised from another base model "
+                    "(%s, this one is %s); training continues on this model",
+                    adapter.base_unet_hash, current)
 
 
 def _preview(img):

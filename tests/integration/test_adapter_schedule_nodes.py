@@ -59,3 +59,15 @@ def test_scheduler_node_errors(comfy):
         node.build("paper", 0.5, 0.2, 2.0, 1.0, 0.2, 1.2, 0.8, 0.2, 1.0)
     with pytest.raises(errors.ScheduleError, match="custom_values"):
         node.build("custom", 0.5, 0.2, 2.0, 1.0, 0.2, 1.2, 0.0, 1.0, 1.0, custom_values="a, b")
+
+
+def test_adapter_in_a_subfolder_listed_by_the_loader_loads(comfy, tiny_sd15_shaped_adapter):
+    adapter_mod = comfy.core("adapter")
+    folder = comfy.base / "models" / "p3s" / "people"
+    folder.mkdir(exist_ok=True)
+    adapter_mod.save_adapter(tiny_sd15_shaped_adapter, folder / "anna.safetensors")
+    comfy.folder_paths.filename_list_cache.clear()
+    assert "people/anna.safetensors" in comfy.node("P3SAdapterLoader").INPUT_TYPES()["required"]["adapter_name"][0]
+    with torch.inference_mode():
+        loaded = comfy.node("P3SAdapterLoader")().load("people/anna.safetensors")[0]
+    assert torch.equal(loaded.encoder.to_k.weight, tiny_sd15_shaped_adapter.encoder.to_k.weight)

@@ -435,4 +435,10 @@ def test_batch_images_after_run_and_arrows(page, server):
     c = (round(nx), round(ny))
     assert close(p1.getpixel((c[0] + 2, c[1])), PREVIEW_RED, 3)
     assert close(p0.getpixel((c[0] + 2, c[1])), BLUE, 3)
+
+    # "clear" empties the shown image only.
+    page.evaluate("(id) => { const s = window.__p3s.pointSelector.of(id); s.nextButton.click(); s.clearButton.click(); }", sel)
+    state = state_of(page, sel)
+    assert state["images"] == [{"positive": [[36, 40]], "negative": []}, {"positive": [], "negative": []}]
+    assert page.evaluate("(id) => window.__p3s.pointSelector.getState(id).label", sel) == "image 2/2, +0 / -0"
     assert not p3s_errors(page, console), (page.errors, console)

@@ -7,7 +7,6 @@ cancel test resumes from it, so it also covers resuming and periodic saves.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -114,21 +113,29 @@ def test_saved_file_loads_and_differs_from_the_untrained_init(comfy, sd15, first
 
 
 def test_trained_adapter_drives_the_injector_in_a_ksampler_run(comfy, sd15, clip_vision, photos, first_run):
+    """The trained adapter feeds all 16 self-attention layers of a real KSampler step (Eq. 7-8)."""
+    copy_mod = comfy.core("copy_unet")
     adapter = first_run.out["result"][0]
     enc = comfy.node("CLIPTextEncode")()
+    seen = set()
+
+    def probe(n, context, value, extra_options):  # chained after the P3S patch
+        if context.shape[1] == 2 * n.shape[1]:
+            seen.add(copy_mod.layer_key(extra_options["block"]))
+        return n, context, value
+
     with torch.inference_mode():
         pos, neg = enc.encode(sd15.clip, PROMPT)[0], enc.encode(sd15.clip, "")[0]
         patched = comfy.node("P3SConditionInjector")().inject(sd15.model, adapter, photos.images[:1], sd15.vae,
                                                               clip_vision, lam=0.2, strength=1.0,
                                                               apply_to="cond and uncond")[0]
+        probed = patched.clone()
+        probed.set_model_attn1_patch(probe)
         latent = comfy.node("EmptyLatentImage")().generate(SIZE, SIZE, 1)[0]
-        runs = []
-        for model in (sd15.model, patched):
-            runs.append(comfy.node("KSampler")().sample(model, 5, 2, 7.5, "ddim", "normal", pos, neg, latent,
-                                                      denoise=1.0)[0]["samples"].clone())
-    plain, injected = runs
-    assert torch.isfinite(injected).all() and injected.shape == plain.shape
-    assert not torch.equal(plain, injected)  # the trained (non-zero) zero convs change the sample
+        out = comfy.node("KSampler")().sample(probed, 5, 1, 7.5, "ddim", "normal", pos, neg, latent,
+                                              denoise=1.0)[0]["samples"]
+    assert torch.isfinite(out).all() and out.shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert seen == {e["key"] for e in copy_mod.LAYER_MAP}
 
 
 def test_cancel_keeps_the_last_completed_save_and_resume_continues(comfy, sd15, clip_vision, photos, first_run):
@@ -254,10 +261,13 @@ def test_bad_inputs_fail_before_any_work(comfy, sd15, clip_vision, photos, monke
         (dict(save_name="../escape"), errors.AdapterFileError, "save_name"),
         (dict(resume_adapter=object()), errors.AdapterFileError, "resume_adapter"),
         (dict(model=sd15.clip), errors.ModelMismatchError, "model"),
+        (dict(clip=sd15.vae), errors.ModelMismatchError, "clip"),
+        (dict(vae=sd15.clip), errors.ModelMismatchError, "vae"),
+        (dict(clip_vision=sd15.vae), errors.ModelMismatchError, "clip_vision"),
     ]
     for kw, exc, field in cases:
         with pytest.raises(exc) as err:
-            _train(comfy, **_node_args(sd15, clip_vision, imgs, **kw))
+            _train(comfy, **_node_args(sd15, clip_vision, kw.pop("images", imgs), **kw))
         assert err.value.input_name == field, (kw, str(err.value))
         assert "Fix:" in str(err.value)
 
@@ -269,3 +279,81 @@ def test_bad_inputs_fail_before_any_work(comfy, sd15, clip_vision, photos, monke
         _train(comfy, **_node_args(sd15, clip_vision, imgs))
     assert err.value.input_name == "save_name" and "GiB" in str(err.value)
     assert not (_p3s_folder(comfy) / "escape.safetensors").exists()
+
+
+def test_step_matches_apply_model_and_all_layer_loss(comfy, sd15, clip_vision, photos, first_run):
+    """One step's eps prediction equals ComfyUI's own apply_model path on the same x_t, sigma and
+    patches (so the frozen copy, calculate_input and timestep are right), and ac_layers='all'
+    compares all 16 cross-attention maps."""
+    tr = comfy.core("comfy_backend_train")
+    train = comfy.core("train")
+    with torch.inference_mode():
+        (b,) = tr.cache_inputs(sd15.model, sd15.clip, sd15.vae, clip_vision, photos.images[:1], PROMPT,
+                               resolution=64)
+        unet = tr.frozen_unet_copy(sd15.model)
+        adapter = tr.new_training_adapter(unet, resume=first_run.out["result"][0])
+    with torch.inference_mode(False), torch.no_grad():
+        g = torch.Generator().manual_seed(9)
+        for conv in adapter.copy.zero_convs.values():  # a clearly active adapter
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    assert not any(p.is_inference() for p in unet.parameters())
+    assert not any(p.requires_grad for p in unet.parameters())
+    settings = train.TrainSettings(ac_layers="all")
+    ctx = tr.build_step_fn(sd15.model, adapter, settings, unet=unet)
+    eps = {}
+    orig_unet_forward = unet.forward
+
+    def spy(*a, **k):
+        eps["mine"] = out = orig_unet_forward(*a, **k)
+        return out
+
+    unet.forward = spy
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            l_ldm, l_ac = ctx.step_fn(adapter, b.latent, b.context, b.clip_hidden, torch.Generator().manual_seed(3))
+            assert len(ctx.capture.maps) == 16
+            # replay the step's draws and run ComfyUI's apply_model with the same patches
+            g = torch.Generator().manual_seed(3)
+            t = torch.randint(0, 1000, (1,), generator=g)
+            noise = torch.randn(tuple(b.latent.shape), generator=g)
+            ms = sd15.model.get_model_object("model_sampling")
+            sigma = ms.sigma(t.float())
+            xt = b.latent + noise * sigma
+            ctx.patch.i2 = adapter.encode_reference(b.latent, b.clip_hidden)
+            opts = dict(ctx.patched.model_options["transformer_options"])
+            opts["wrappers"] = ctx.patched.wrappers
+            opts.update(cond_or_uncond=[0], sigmas=sigma)
+            denoised = sd15.model.model.apply_model(xt, sigma, c_crossattn=b.context,
+                                                                     transformer_options=opts)
+    finally:
+        unet.forward = orig_unet_forward
+        ctx.close()
+    eps_ref = (xt - denoised) / sigma
+    assert torch.allclose(eps["mine"].float(), eps_ref, atol=2e-4, rtol=1e-3), \
+        float((eps["mine"] - eps_ref).abs().max())
+    assert float(l_ldm) == pytest.approx(float(((eps_ref - noise) ** 2).mean()), rel=1e-3)
+    assert math.isfinite(float(l_ac)) and float(l_ac) > 0
+
+
+def test_divergence_reports_and_keeps_the_last_save(comfy, sd15, clip_vision, photos, monkeypatch):
+    """A non-finite loss (raised by the loop) leaves the last periodic save and says so."""
+    errors = comfy.core("errors")
+    train = comfy.core("train")
+    folder = _p3s_folder(comfy)
+    target = folder / "p3s_it_diverged.safetensors"
+    if target.exists():
+        target.unlink()
+
+    def diverging_loop(adapter, batches, step_fn, settings, on_step=None, start_step=0, device=None):
+        on_step(start_step + 1, start_step + 2, 0.5)  # step 1 completes (and is saved: save_every=1)
+        raise errors.TrainingDivergedError("learning_rate", "the loss became nan at step 2",
+                                           "lower the learning rate")
+
+    monkeypatch.setattr(train, "train_adapter", diverging_loop)
+    with pytest.raises(errors.TrainingDivergedError) as err:
+        _train(comfy, **_node_args(sd15, clip_vision, photos.images[:1], epochs=2, save_every=1,
+                                   save_name="p3s_it_diverged"))
+    assert "the save of step 1" in str(err.value) and "is kept" in str(err.value)
+    with torch.inference_mode():
+        kept = comfy.node("P3SAdapterLoader")().load("p3s_it_diverged.safetensors")[0]
+    assert kept.training_info["steps"] == 1 and not _tmp_files(folder)

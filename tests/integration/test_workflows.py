@@ -87,12 +87,15 @@ def test_workflows_run_end_to_end_from_the_frontend(page, server):
     for name in ORDER:
         wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
         _load(page, wf)
+        DOCS.mkdir(parents=True, exist_ok=True)
         if name == "p3s_generate":
-            DOCS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(DOCS / "generate_workflow.png"))
         _lower(page)
         entry = _queue_and_wait(page, server)
         assert entry["status"]["status_str"] == "success", (name, entry["status"].get("messages"))
+        if name == "p3s_select_and_train":  # the Point Selector beside its RNGR mask preview, after the run
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(DOCS / "select_and_train.png"))
         if name in ("p3s_select_and_train", "p3s_clicks_to_images"):
             assert (server.base / "models" / "p3s" / TRAINED_ADAPTER).exists()
         if name != "p3s_select_and_train":

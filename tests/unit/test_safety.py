@@ -201,10 +201,19 @@ def _adapter_like(version: int) -> dict:
     return {f"copy.block{i:02d}.weight": torch.full((TENSOR_ELEMS,), float(version)) for i in range(N_TENSORS)}
 
 
-def test_kill_during_save_keeps_the_previous_file(tmp_path):
+@pytest.fixture
+def big_files(tmp_path):
+    """tmp_path, emptied afterwards (pytest keeps recent temp folders; these files are 192 MiB)."""
+    yield tmp_path
+    for p in tmp_path.iterdir():
+        p.unlink()
+
+
+def test_kill_during_save_keeps_the_previous_file(big_files):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    tmp_path = big_files
     final = tmp_path / "subject.safetensors"
     atomic_save_safetensors(_adapter_like(0), final, {"p3s_format_version": "1", "version": "0"})
     full_size = final.stat().st_size

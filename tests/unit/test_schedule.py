@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
+import copy
 
 import numpy as np
 import pytest
@@ -106,7 +106,7 @@ def test_weight_field_is_also_a_number():
     assert s.weight_at(0.3) == pytest.approx(0.8)
     assert s.weight_at(0.3) == pytest.approx(0.8)
     assert dataclasses.replace(s, weight=0.3).curve(0.5) == pytest.approx(0.3)
-    assert pickle.loads(pickle.dumps(s)) == s
+    assert copy.deepcopy(s) == s
 
 
 def test_schedule_is_immutable():
@@ -234,7 +234,7 @@ def test_plot_curve_draws_window_and_curve():
 
 
 # ---------------------------------------------------------------- properties
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     mode=st.sampled_from(MODES),
     a=st.floats(0.0, 1.0), b=st.floats(0.0, 1.0), k=st.floats(0.1, 4.0),

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from p3s_core.adapter import load_adapter, new_adapter, save_adapter
 from p3s_core.copy_unet import ATTN_MAP_KEY, CopyUNetConfig

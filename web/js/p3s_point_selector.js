@@ -310,7 +310,8 @@ class PointSelector {
     const ims = this.state.images;
     if (!ims[this.index]) return;
     ims[this.index] = { positive: [], negative: [] };
-    while (ims.length && !ims[ims.length - 1].positive.length && !ims[ims.length - 1].negative.length) ims.pop();
+    // An image left without points is reported by the node at run time; no points at all: empty state.
+    if (ims.every((im) => !im.positive.length && !im.negative.length)) ims.length = 0;
     this.writeStore();
     this.draw();
   }
