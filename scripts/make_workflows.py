@@ -83,6 +83,10 @@ class Graph:
         b["inputs"][slot[0]]["link"] = lid
         self.links.append([lid, src, src_slot, dst, slot[0], ty])
 
+    def connect(self, *edges):
+        for src, slot, dst, name in edges:
+            self.link(src, slot, dst, name)
+
     def group(self, title, box, color="#3f789e"):
         self.groups.append({"title": title, "bounding": list(box), "color": color, "font_size": 24, "flags": {}})
 
@@ -107,24 +111,28 @@ def select_and_clean(g, x, y):
     clipv = g.node("CLIPVisionLoader", (x + 330, y + 450), {"clip_name": CLIPV}, size=(320, 60))
     rngr = g.node("P3SRNGRMaskInpaint", (x + 780, y), {}, size=(320, 240))
     prev = g.node("PreviewImage", (x + 780, y + 280), {}, size=(320, 260), title="RNGR preview")
-    g.link(photo, 0, sel, "image")
-    g.link(photo, 0, rngr, "image")
-    g.link(sel, 0, rngr, "points")
-    g.link(clipv, 0, rngr, "clip_vision")
-    g.link(rngr, 3, prev, "images")
+    g.connect(
+        (photo, 0, sel, "image"),
+        (photo, 0, rngr, "image"),
+        (sel, 0, rngr, "points"),
+        (clipv, 0, rngr, "clip_vision"),
+        (rngr, 3, prev, "images"),
+    )
     return rngr, clipv, photo
 
 
 def trainer(g, x, y, ckpt, clipv, rngr):
     t = g.node("P3STrainer", (x, y), {"prompt": PROMPT, "identifier": "sks", "save_name": ADAPTER}, size=(360, 420))
     loss = g.node("PreviewImage", (x + 390, y), {}, size=(320, 260), title="loss curve")
-    g.link(ckpt, 0, t, "model")
-    g.link(ckpt, 1, t, "clip")
-    g.link(ckpt, 2, t, "vae")
-    g.link(clipv, 0, t, "clip_vision")
-    g.link(rngr, 0, t, "images")
-    g.link(rngr, 1, t, "mask")
-    g.link(t, 2, loss, "images")
+    g.connect(
+        (ckpt, 0, t, "model"),
+        (ckpt, 1, t, "clip"),
+        (ckpt, 2, t, "vae"),
+        (clipv, 0, t, "clip_vision"),
+        (rngr, 0, t, "images"),
+        (rngr, 1, t, "mask"),
+        (t, 2, loss, "images"),
+    )
     return t
 
 
@@ -140,36 +148,53 @@ def generate(g, x, y, ckpt, adapter_src, reference_src, clipv, controlnet=False,
                                            "scheduler": "ddim_uniform"}, size=(300, 300))
     dec = g.node("VAEDecode", (x + 1050, y), {}, size=(200, 60))
     save = g.node("SaveImage", (x + 1050, y + 100), {"filename_prefix": "p3s/p3s"}, size=(320, 340))
-    g.link(sched, 1, plot, "images")
-    g.link(ckpt, 0, inj, "model")
-    g.link(adapter_src[0], adapter_src[1], inj, "adapter")
-    g.link(reference_src[0], reference_src[1], inj, "reference")
-    g.link(ckpt, 2, inj, "vae")
-    g.link(clipv, 0, inj, "clip_vision")
-    g.link(sched, 0, inj, "schedule")
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
-    g.link(inj, 0, ks, "model")
+    g.connect(
+        (sched, 1, plot, "images"),
+        (ckpt, 0, inj, "model"),
+        (adapter_src[0], adapter_src[1], inj, "adapter"),
+        (reference_src[0], reference_src[1], inj, "reference"),
+        (ckpt, 2, inj, "vae"),
+        (clipv, 0, inj, "clip_vision"),
+        (sched, 0, inj, "schedule"),
+        (ckpt, 1, pos, "clip"),
+        (ckpt, 1, neg, "clip"),
+        (inj, 0, ks, "model"),
+    )
     if controlnet:
         cn = g.node("ControlNetLoader", (x + 350, y + 570), {"control_net_name": CNET}, size=(340, 60))
         canny = g.node("Canny", (x + 350, y + 660), {"low_threshold": 0.4, "high_threshold": 0.8}, size=(340, 90))
         apply = g.node("ControlNetApplyAdvanced", (x + 720, y + 470),
                        {"strength": 0.8, "start_percent": 0.0, "end_percent": 0.8}, size=(300, 170))
-        g.link(cn_image[0], cn_image[1], canny, "image")
-        g.link(pos, 0, apply, "positive")
-        g.link(neg, 0, apply, "negative")
-        g.link(cn, 0, apply, "control_net")
-        g.link(canny, 0, apply, "image")
-        g.link(ckpt, 2, apply, "vae")
-        g.link(apply, 0, ks, "positive")
-        g.link(apply, 1, ks, "negative")
+        g.connect(
+            (cn_image[0], cn_image[1], canny, "image"),
+            (pos, 0, apply, "positive"),
+            (neg, 0, apply, "negative"),
+            (cn, 0, apply, "control_net"),
+            (canny, 0, apply, "image"),
+            (ckpt, 2, apply, "vae"),
+            (apply, 0, ks, "positive"),
+            (apply, 1, ks, "negative"),
+        )
     else:
-        g.link(pos, 0, ks, "positive")
-        g.link(neg, 0, ks, "negative")
-    g.link(latent, 0, ks, "latent_image")
-    g.link(ks, 0, dec, "samples")
-    g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
+        g.connect(
+            (pos, 0, ks, "positive"),
+            (neg, 0, ks, "negative"),
+        )
+    g.connect(
+        (latent, 0, ks, "latent_image"),
+        (ks, 0, dec, "samples"),
+        (ckpt, 2, dec, "vae"),
+        (dec, 0, save, "images"),
+    )
+
+
+def loaders(g):
+    """Checkpoint, trained adapter, CLIP vision and the reference photo of the generate workflows."""
+    ckpt = checkpoint(g, (0, 0))
+    adapter = g.node("P3SAdapterLoader", (0, 140), {"adapter_name": f"{ADAPTER}.safetensors"}, size=(320, 60))
+    clipv = g.node("CLIPVisionLoader", (0, 230), {"clip_name": CLIPV}, size=(320, 60))
+    ref = g.node("LoadImage", (0, 320), {"image": PHOTO}, size=(300, 340), title="reference (cleaned photo)")
+    return ckpt, adapter, clipv, ref
 
 
 def build(defs):
@@ -187,10 +212,7 @@ def build(defs):
     g.dump("p3s_select_and_train", "P3S: select and train")
     # 2. generate
     g = Graph(defs)
-    ckpt = checkpoint(g, (0, 0))
-    adapter = g.node("P3SAdapterLoader", (0, 140), {"adapter_name": f"{ADAPTER}.safetensors"}, size=(320, 60))
-    clipv = g.node("CLIPVisionLoader", (0, 230), {"clip_name": CLIPV}, size=(320, 60))
-    ref = g.node("LoadImage", (0, 320), {"image": PHOTO}, size=(300, 340), title="reference (cleaned photo)")
+    ckpt, adapter, clipv, ref = loaders(g)
     generate(g, 360, 0, ckpt, (adapter, 0), (ref, 0), clipv)
     g.note((0, 700), "P3S, step 2: generate.\n\nThe Condition Injector patches the MODEL with the adapter trained in "
            "p3s_select_and_train; the subject follows the prompt's identifier (sks). Paper settings: DDIM, 50 steps, "
@@ -199,10 +221,7 @@ def build(defs):
     g.dump("p3s_generate", "P3S: generate")
     # 3. generate with ControlNet
     g = Graph(defs)
-    ckpt = checkpoint(g, (0, 0))
-    adapter = g.node("P3SAdapterLoader", (0, 140), {"adapter_name": f"{ADAPTER}.safetensors"}, size=(320, 60))
-    clipv = g.node("CLIPVisionLoader", (0, 230), {"clip_name": CLIPV}, size=(320, 60))
-    ref = g.node("LoadImage", (0, 320), {"image": PHOTO}, size=(300, 340), title="reference (cleaned photo)")
+    ckpt, adapter, clipv, ref = loaders(g)
     generate(g, 360, 0, ckpt, (adapter, 0), (ref, 0), clipv, controlnet=True, cn_image=(ref, 0))
     g.note((0, 700), "P3S with ControlNet: the P3S patch lives on the MODEL, ControlNet on the conditioning; both "
            "act in the same KSampler. Here a Canny ControlNet keeps the reference's layout.")

@@ -4,10 +4,5 @@
 # Without --models the generated random-weight models are used (their images are noise).
 # With --workflow the workflow runs headless through the server and the written files are printed.
 set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-setup_out="$(bash "$HERE/scripts/setup.sh")"
-while IFS='=' read -r key value; do
-  case "$key" in P3S_*) export "$key=$value" ;; esac
-done <<< "$setup_out"
-export PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 exec "$P3S_VENV/bin/python" "$HERE/scripts/run.py" "$@"

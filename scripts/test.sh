@@ -4,13 +4,9 @@
 #   scripts/test.sh -m "not slow"   # the fast subset, in seconds
 # Extra arguments go to pytest.
 set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-setup_out="$(bash "$HERE/scripts/setup.sh")"
-while IFS='=' read -r key value; do
-  case "$key" in P3S_*) export "$key=$value" ;; esac
-done <<< "$setup_out"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$HERE"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONDONTWRITEBYTECODE=1
 # pytest's root is tests/ (the repo root is the pack, an __init__.py pytest must not import).
 PYTEST=("$P3S_VENV/bin/python" -m pytest -c tests/pytest.ini --rootdir tests)
 if [ $# -eq 0 ]; then
