@@ -106,7 +106,7 @@ def browser():
 def page(browser, server):
     """The real frontend, loaded, with the graph ready; console errors collected in ``page.errors``."""
     server.post("/api/settings", {"Comfy.TutorialCompleted": True})
-    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
     pg = ctx.new_page()
     pg.errors = []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))

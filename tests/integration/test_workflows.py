@@ -67,6 +67,15 @@ def _lower(page):
             const x = n.widgets.find(x => x.name === w); x.value = v; } }""", [type_, widget, value])
 
 
+def _screenshot(page, path):
+    """A picture for the README: the whole graph in view (below the frontend's news banner)."""
+    page.evaluate("""() => { const c = window.app.extensionManager && window.app.extensionManager.command;
+        if (c) return c.execute("Comfy.Canvas.FitView"); window.app.canvas.ds.reset(); }""")
+    page.wait_for_timeout(800)
+    size = page.viewport_size
+    page.screenshot(path=str(path), clip={"x": 0, "y": 40, "width": size["width"], "height": size["height"] - 40})
+
+
 def _queue_and_wait(page, server, timeout=900):
     before = set(server.get("/history", timeout=120))
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
@@ -89,13 +98,13 @@ def test_workflows_run_end_to_end_from_the_frontend(page, server):
         _load(page, wf)
         DOCS.mkdir(parents=True, exist_ok=True)
         if name == "p3s_generate":
-            page.screenshot(path=str(DOCS / "generate_workflow.png"))
+            _screenshot(page, DOCS / "generate_workflow.png")
         _lower(page)
         entry = _queue_and_wait(page, server)
         assert entry["status"]["status_str"] == "success", (name, entry["status"].get("messages"))
         if name == "p3s_select_and_train":  # the Point Selector beside its RNGR mask preview, after the run
             page.wait_for_timeout(1500)
-            page.screenshot(path=str(DOCS / "select_and_train.png"))
+            _screenshot(page, DOCS / "select_and_train.png")
         if name in ("p3s_select_and_train", "p3s_clicks_to_images"):
             assert (server.base / "models" / "p3s" / TRAINED_ADAPTER).exists()
         if name != "p3s_select_and_train":
