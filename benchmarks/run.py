@@ -128,6 +128,25 @@ t0 = time.perf_counter(); ok = asyncio.run(nodes.load_custom_node({str(REPO)!r})
     return {"seconds": summary(times)}
 
 
+def bench_train(args):
+    """benchmarks/bench_train.py in its own process (its peak memory is the process's), with and
+    without gradient checkpointing; the last JSON line of each configuration is kept."""
+    rows = []
+    res = args.train_resolution or (512 if args.device == "cuda" else 64)
+    for ckpt in ("off", "on"):
+        cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--resolution", str(res),
+               "--steps", str(args.train_steps), "--checkpointing", ckpt] + (["--cpu"] if args.device == "cpu" else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            rows.append({"gradient_checkpointing": ckpt == "on", "error": proc.stderr[-500:]})
+            continue
+        row = json.loads(lines[-1])
+        row["epoch_s_5_images"] = row["step_s"] * 5  # one epoch = one step per photo (batch 1)
+        rows.append(row)
+    return rows
+
+
 def write_report(result, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
@@ -141,6 +160,14 @@ def write_report(result, out_dir: Path):
     lines += ["", f"RNGR mask beyond the CLIP forward, 512²: {r['mask_ms_512']['median']:.1f} ms "
               f"(+ letterbox {r['letterbox_ms_512']['median']:.1f} ms)",
               f"Pack import (ComfyUI's loader, fresh process): {result['import']['seconds']['median']:.3f} s"]
+    lines += ["", "| training (64² CPU / 512² CUDA) | s/step | s/epoch (5 photos) | peak RSS MiB | peak CUDA MiB |",
+              "|---|---|---|---|---|"]
+    for row in result.get("train", []):
+        if "error" in row:
+            lines.append(f"| checkpointing {row['gradient_checkpointing']} | failed | | | |")
+            continue
+        lines.append(f"| {row['resolution']}², checkpointing {row['gradient_checkpointing']} | {row['step_s']:.2f} | "
+                     f"{row['epoch_s_5_images']:.1f} | {row.get('peak_rss_mib', '')} | {row.get('peak_cuda_mib', '-')} |")
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     try:
         from PIL import Image, ImageDraw
@@ -167,6 +194,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--train-steps", type=int, default=3, help="timed training steps (the first is a warm-up)")
+    ap.add_argument("--train-resolution", type=int, default=0, help="default: 64 on the CPU, 512 on CUDA")
+    ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     base = harness.make_base_dir(Path(tempfile.mkdtemp(prefix="p3s_bench_")))
@@ -176,6 +206,14 @@ def main(argv=None):
               "device": args.device, "size": args.size, "steps": args.steps, "reps": args.reps,
               "import": bench_import(args), "rngr": bench_rngr(pack, args),
               "steps_per_variant": bench_steps(nodes, pack, args)}
+    if not args.skip_train:
+        import gc
+
+        import comfy.model_management as mm
+
+        mm.unload_all_models()  # the training process needs the memory
+        gc.collect()
+        result["train"] = bench_train(args)
     result["wall_seconds"] = time.time() - t0
     print(write_report(result, args.out))
     print(f"\nwritten: {args.out}/bench.json, bench.md, bench.png ({result['wall_seconds']:.0f} s)")

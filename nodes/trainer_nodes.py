@@ -88,16 +88,14 @@ class P3STrainer:
         from ..p3s_core import comfy_backend as backend
         from ..p3s_core import comfy_backend_train as trainer
         from ..p3s_core.copy_unet import CopyUNetConfig
-        from ..p3s_core.errors import AdapterFileError, ImageInputError, ModelMismatchError, TrainingConfigError
+        from ..p3s_core.errors import AdapterFileError, ModelMismatchError, TrainingConfigError
         from ..p3s_core.train import TrainSettings, plot_losses
         from .adapter_nodes import _checked_name
+        from .common import check_image_batch
         from .paths import save_folder
 
         # --- validate everything before any work -----------------------------------------------
-        if images is None or getattr(images, "ndim", 0) != 4 or images.shape[0] == 0 or images.shape[-1] < 3:
-            shape = None if images is None else tuple(getattr(images, "shape", ()))
-            raise ImageInputError("images", f"no usable training images (got {shape})",
-                                  "connect 3-5 cleaned photos of the subject (an IMAGE batch)")
+        check_image_batch(images, "images")  # the same IMAGE checks as every P3S node (RGB, finite, float)
         mask = _check_mask(images, mask)
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
                                  resolution=resolution, save_every=save_every,
