@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: sets itself up if needed (scripts/setup.sh), then runs pytest in the venv.
 #   scripts/test.sh                 # everything (unit, real ComfyUI in process, server, browser)
-#   scripts/test.sh -m "not slow"   # the fast subset, in seconds
+#   scripts/test.sh -m "not slow"   # the fast subset (no ComfyUI), about a minute
 # Extra arguments go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
