@@ -33,7 +33,6 @@ def summary(xs):
 
 
 def bench_steps(nodes, pack, args):
-    import numpy as np
     import torch
 
     core = lambda m: importlib.import_module(f"{pack.__name__}.p3s_core.{m}")  # noqa: E731

@@ -7,7 +7,8 @@ from .common import ADAPTER, CATEGORY
 from .paths import adapter_folders, list_adapters, save_folder
 
 
-def _checked_name(name: str, input_name: str) -> str:
+def check_adapter_name(name: str, input_name: str) -> str:
+    """A plain file name for ``models/p3s`` (no folders, '..', ':', control characters, not hidden)."""
     from ..p3s_core.errors import AdapterFileError
 
     name = str(name).strip()
@@ -20,6 +21,12 @@ def _checked_name(name: str, input_name: str) -> str:
         raise AdapterFileError(input_name, f"the name is {len(name.encode('utf-8'))} bytes long (at most 200)",
                                "use a shorter name such as 'my_dog'")
     return name
+
+
+def adapter_file_name(name: str, input_name: str) -> str:
+    """The checked name with ``.safetensors`` added: where the Save node and the Trainer write."""
+    name = check_adapter_name(name, input_name)
+    return name if name.endswith(".safetensors") else name + ".safetensors"
 
 
 def check_adapter(adapter, input_name: str = "adapter"):
@@ -41,7 +48,7 @@ def resolve_adapter(name: str) -> str:
 
     name = str(name).strip()
     if name not in list_adapters():  # names the dropdown lists may sit in subfolders ("sub/x.safetensors")
-        name = _checked_name(name, "adapter_name")
+        name = check_adapter_name(name, "adapter_name")
     path = folder_paths.get_full_path("p3s", name)
     if path is None or not os.path.isfile(path):
         raise AdapterFileError("adapter_name", f"'{name}' was not found; searched: {', '.join(adapter_folders())}",
@@ -92,8 +99,6 @@ class P3SAdapterSave:
         from ..p3s_core.adapter import save_adapter
 
         check_adapter(adapter, "adapter")
-        name = _checked_name(name, "name")
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
+        name = adapter_file_name(name, "name")
         path = save_adapter(adapter, os.path.join(save_folder(), name))
         return {"ui": {"text": [str(path)]}, "result": (name,)}

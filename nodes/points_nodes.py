@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import CATEGORY, POINTS, check_image_batch, image_to_numpy, numpy_to_image
 
-__all__ = ["P3SPointSelector", "check_image_batch", "draw_points"]
+__all__ = ["P3SPointSelector", "draw_points"]
 
 POS_COLOR = (0.1, 0.9, 0.2)
 NEG_COLOR = (0.95, 0.15, 0.15)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from .common import ADAPTER, CATEGORY, numpy_to_image
+from .adapter_nodes import adapter_file_name, check_adapter
+from .common import ADAPTER, CATEGORY, check_image_batch, numpy_to_image
 
 
 def _estimated_adapter_bytes() -> int:
@@ -90,8 +91,6 @@ class P3STrainer:
         from ..p3s_core.copy_unet import CopyUNetConfig
         from ..p3s_core.errors import AdapterFileError, ModelMismatchError, TrainingConfigError
         from ..p3s_core.train import TrainSettings, plot_losses
-        from .adapter_nodes import _checked_name
-        from .common import check_image_batch
         from .paths import save_folder
 
         # --- validate everything before any work -----------------------------------------------
@@ -101,21 +100,17 @@ class P3STrainer:
                                  resolution=resolution, save_every=save_every,
                                  identifier=str(identifier).strip())
         settings.validate(prompt)
-        name = _checked_name(save_name, "save_name")
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
+        name = adapter_file_name(save_name, "save_name")
         backend.check_sd15(model)
         trainer.check_eps_prediction(model)
         backend.check_clip_vit_l(clip_vision)
         if not (hasattr(clip, "tokenize") and hasattr(clip, "encode_from_tokens")):
             raise ModelMismatchError("clip", "this is not a ComfyUI CLIP text encoder",
                                      "connect the CLIP output of the SD1.5 checkpoint loader")
-        if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
-            raise ModelMismatchError("vae", "this is not a ComfyUI VAE",
-                                     "connect the VAE output of the SD1.5 checkpoint loader")
+        backend.check_vae_sd15(vae)
         if resume_adapter is not None:
-            cfg = getattr(resume_adapter, "config", None)
-            if cfg != CopyUNetConfig.sd15() or not isinstance(getattr(resume_adapter, "training_info", None), dict):
+            check_adapter(resume_adapter, "resume_adapter")
+            if resume_adapter.config != CopyUNetConfig.sd15() or not isinstance(resume_adapter.training_info, dict):
                 raise AdapterFileError("resume_adapter", "this is not an SD1.5 P3S adapter",
                                        "connect a P3S Adapter Loader or P3S Trainer output")
             steps = resume_adapter.training_info.get("steps", 0)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ImageInputError, ModelMismatchError
+from .errors import ModelMismatchError
 from .injection import DEFAULT_LAMBDA, injected_context_value
 
 APPLY_TO = ("cond and uncond", "cond only")
@@ -56,7 +56,8 @@ def check_sd15(model, input_name: str = "model") -> None:
 
 def check_vae_sd15(vae, input_name: str = "vae") -> None:
     """Refuse a VAE whose latents are not SD1.5's 4-channel, 8x latents (e.g. an SD3/Flux VAE)."""
-    if not callable(getattr(vae, "encode", None)) or getattr(vae, "first_stage_model", True) is None:
+    if not (callable(getattr(vae, "encode", None)) and callable(getattr(vae, "decode", None))
+            and getattr(vae, "first_stage_model", None) is not None):
         raise ModelMismatchError(input_name, f"this is not a usable ComfyUI VAE (got a {type(vae).__name__})",
                                  "connect the VAE output of the SD1.5 checkpoint's Load Checkpoint node")
     channels = getattr(vae, "latent_channels", 4)
@@ -106,10 +107,7 @@ def letterboxed_batch(images: torch.Tensor):
 
 def encode_reference(model, vae, clip_vision, images: torch.Tensor):
     """(I'_latent in the model's latent space [N,4,h,w], CLIP last hidden state [N,257,1024])."""
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] < 3:
-        raise ImageInputError("reference", f"expected an IMAGE batch [B,H,W,3], got {tuple(images.shape)}",
-                              "connect the cleaned IMAGE output of P3S RNGR Mask + Inpaint (or a Load Image)")
-    rgb = images[..., :3]
+    rgb = images[..., :3]  # the nodes have checked the batch (nodes/common.py check_image_batch)
     latent = vae.encode(rgb)
     latent = model.model.process_latent_in(latent).float()
     squares, _ = letterboxed_batch(rgb)
@@ -138,18 +136,28 @@ def _layer_key(extra_options) -> str:
     return layer_key(extra_options["block"], extra_options.get("block_index", 0))
 
 
-def _resize_tokens(f: torch.Tensor, n_tokens: int, original_shape) -> torch.Tensor:
-    """Resize a [B, T, C] token map to ``n_tokens`` when another patch changed the layer's grid."""
+def token_grid(n_tokens: int, original_shape):
+    """The (h, w) grid of a layer's ``n_tokens`` in a UNet whose input latent is ``original_shape``
+    (each level halves the size, rounding up as the stride-2 convs do); None if no level fits."""
     h0, w0 = int(original_shape[-2]), int(original_shape[-1])
-    b, t, c = f.shape
-    scale = (h0 * w0 / t) ** 0.5
-    hs, ws = max(1, round(h0 / scale)), max(1, round(w0 / scale))
-    scale_n = (h0 * w0 / n_tokens) ** 0.5
-    hn, wn = max(1, round(h0 / scale_n)), max(1, round(w0 / scale_n))
-    if hs * ws != t or hn * wn != n_tokens:
+    for ds in (1, 2, 4, 8, 16, 32):
+        h, w = -(-h0 // ds), -(-w0 // ds)
+        if h * w == n_tokens:
+            return h, w
+    return None
+
+
+def _resize_tokens(f: torch.Tensor, n_tokens: int, original_shape) -> torch.Tensor | None:
+    """Resize a [B, T, C] token map to ``n_tokens`` when another patch (e.g. Kohya Deep Shrink)
+    changed the layer's grid; None when either grid cannot be inferred."""
+    if len(original_shape) < 2:
         return None
-    grid = f.transpose(1, 2).reshape(b, c, hs, ws)
-    grid = torch.nn.functional.interpolate(grid, size=(hn, wn), mode="bilinear", align_corners=False)
+    src, dst = token_grid(f.shape[1], original_shape), token_grid(n_tokens, original_shape)
+    if src is None or dst is None:
+        return None
+    b, t, c = f.shape
+    grid = f.transpose(1, 2).reshape(b, c, *src)
+    grid = torch.nn.functional.interpolate(grid, size=dst, mode="bilinear", align_corners=False)
     return grid.flatten(2).transpose(1, 2)
 
 
@@ -276,7 +284,9 @@ class P3SInjectorPatch:
         if context_attn1 is n and value_attn1 is n:
             context, value = injected_context_value(n, f, bank.weight, bank.lam, active)
             return n, context, value
-        # Chained after another patch that already extended K/V: append our tokens (Eq. 7 on z's part).
+        # Chained after another patch that already extended K/V (a second injector): append our tokens
+        # and add lam*f to z's part of V (Eq. 7). Inactive rows append zero features here, which is
+        # close to but not exactly the plain attention (the [z, z] trick needs an unextended context).
         wf = f * bank.weight
         if active is not None:
             wf = wf * active.to(wf.dtype).view(-1, 1, 1)

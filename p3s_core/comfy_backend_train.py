@@ -58,7 +58,8 @@ from typing import Callable
 
 import torch
 
-from .copy_unet import ATTN_MAP_KEY, LAYER_MAP
+from .comfy_backend import token_grid
+from .copy_unet import ATTN_MAP_KEY, LAYER_MAP, layer_key
 from .errors import ImageInputError, ModelMismatchError, TrainingConfigError, TrainingDivergedError
 from .losses import attention_consistency_loss, attention_probs
 from .train import TrainBatch, TrainSettings, masked_ldm_loss
@@ -204,16 +205,6 @@ def enable_gradient_checkpointing(unet) -> int:
 
 
 # --- attention capture ---------------------------------------------------------------------------------
-def _grid(n_tokens: int, original_shape) -> tuple[int, int]:
-    h0, w0 = int(original_shape[-2]), int(original_shape[-1])
-    for ds in (1, 2, 4, 8, 16):
-        h, w = -(-h0 // ds), -(-w0 // ds)
-        if h * w == n_tokens:
-            return h, w
-    side = int(round(math.sqrt(n_tokens)))
-    return (side, n_tokens // side) if side * (n_tokens // side) == n_tokens else (n_tokens, 1)
-
-
 class OriginalAttentionCapture:
     """attn2 replace patch for the original UNet: computes ``softmax(QK^T/sqrt d) V`` explicitly
     (Eq. 13), stores the head-averaged map [B, h*w, tokens] per layer key and returns the output.
@@ -239,10 +230,10 @@ class OriginalAttentionCapture:
         vh = v.reshape(b, v.shape[1], heads, d).transpose(1, 2)
         out = (probs.to(v.dtype) @ vh).transpose(1, 2).reshape(b, nq, heads * d)
         block = extra_options.get("block")
-        key = f"{block[0]}_{int(block[1])}" if block is not None else f"layer_{len(self.maps)}"
+        key = layer_key(block) if block is not None else f"layer_{len(self.maps)}"
         m = probs.mean(dim=1)
         self.maps[key] = m.detach() if self.detach else m
-        self.grids[key] = _grid(nq, extra_options.get("original_shape", (nq, 1)))
+        self.grids[key] = token_grid(nq, extra_options.get("original_shape", (nq, 1))) or (nq, 1)
         return out
 
 

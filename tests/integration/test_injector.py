@@ -118,3 +118,47 @@ def test_schedule_window_limits_the_injection(comfy, sd15, clip_vision, active_a
     part = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference, schedule=late), conds)
     plain = sample(comfy, sd15.model, conds)
     assert not torch.equal(part, plain) and not torch.equal(part, full)
+
+
+def test_two_injectors_stack_on_one_model(comfy, sd15, clip_vision, active_adapter, reference, conds):
+    """A second P3S injector chains after the first: K/V grow to [z, f1, f2] and both act."""
+    one = inject(comfy, sd15, clip_vision, active_adapter, reference)
+    with torch.inference_mode():
+        two = comfy.node("P3SConditionInjector")().inject(one, active_adapter, reference.flip(1), sd15.vae,
+                                                          clip_vision, lam=0.2, strength=1.0,
+                                                          apply_to="cond and uncond")[0]
+    lengths = []
+
+    def probe(n, context, value, extra_options):
+        lengths.append((context.shape[1] // n.shape[1], value.shape == context.shape))
+        return n, context, value
+
+    probed = two.clone()
+    probed.set_model_attn1_patch(probe)
+    stacked = sample(comfy, probed, conds)
+    assert len(lengths) == 2 * 16 and all(ratio == 3 and same for ratio, same in lengths)
+    single = sample(comfy, one, conds)
+    assert torch.isfinite(stacked).all() and (stacked - single).abs().max() > 1e-4
+
+
+def test_composes_with_kohya_deep_shrink(comfy, sd15, clip_vision, active_adapter, reference, conds):
+    """A core node that changes the UNet's internal resolution: the copy features are resized to the
+    layers' token grids instead of failing or folding tokens into the batch."""
+    out = comfy.node("PatchModelAddDownscale").execute(sd15.model, 3, 2.0, 0.0, 1.0, True, "bicubic", "bicubic")
+    shrunk = out.result[0] if hasattr(out, "result") else out[0]
+    with torch.inference_mode():
+        patched = comfy.node("P3SConditionInjector")().inject(shrunk, active_adapter, reference, sd15.vae,
+                                                              clip_vision, lam=0.2, strength=1.0,
+                                                              apply_to="cond and uncond")[0]
+    seen = {}
+
+    def probe(n, context, value, extra_options):
+        seen[extra_options["block"]] = (n.shape[1], context.shape[1])
+        return n, context, value
+
+    patched.set_model_attn1_patch(probe)
+    result = sample(comfy, patched, conds)
+    assert torch.isfinite(result).all()
+    assert seen[("input", 4)] == (4, 8)  # 2x2 tokens after the shrink (not 4x4), doubled by P3S
+    assert all(c == 2 * n for n, c in seen.values()) and len(seen) == 16
+    assert not torch.equal(result, sample(comfy, shrunk, conds))

@@ -1,7 +1,6 @@
 """On the real server: ControlNet and the P3S Condition Injector feed one KSampler; both act."""
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 import pytest

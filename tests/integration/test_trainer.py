@@ -247,7 +247,7 @@ def test_bad_inputs_fail_before_any_work(comfy, sd15, clip_vision, photos, monke
         raise AssertionError("training started although an input was bad")
 
     monkeypatch.setattr(tr, "run_training", no_training)
-    imgs, masks = photos.images, photos.masks
+    imgs = photos.images
     cases = [
         (dict(images=imgs[:0]), errors.ImageInputError, "images"),
         (dict(mask=torch.ones(3, SIZE, SIZE)), errors.ImageInputError, "mask"),

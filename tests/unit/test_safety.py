@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p3s_core.errors import P3SError, PointsError
-from p3s_core.points import ImagePoints, P3SPoints, points_from_strings
+from p3s_core.points import P3SPoints, points_from_strings
 from p3s_core.rngr import inpaint, letterbox, rngr_mask
 from p3s_core.safe_io import atomic_save_safetensors, read_safetensors_header
 
