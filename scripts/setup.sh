@@ -71,7 +71,7 @@ COMFY_FOUND_VERSION="$(sed -n 's/^__version__ *= *["'"'"']\([^"'"'"']*\).*/\1/p'
 AUDIO=""   # ComfyUI 0.33 imports torchaudio at start-up (comfy/sd.py -> the audio VAE)
 grep -qE '^\s*torchaudio\s*$' "$COMFY/requirements.txt" && AUDIO="torchaudio==$TORCHAUDIO_VERSION"
 key="$( (cat "$COMFY/requirements.txt" "$HERE/requirements.txt" "$HERE/requirements-dev.txt"; \
-        echo "torch=$TORCH_VERSION tv=$TORCHVISION_VERSION $AUDIO"; "$PY" --version) | sha256sum | cut -c1-12)"
+        echo "torch=$TORCH_VERSION tv=$TORCHVISION_VERSION${AUDIO:+ $AUDIO}"; "$PY" --version) | sha256sum | cut -c1-12)"
 VENV="$CACHE/venv-$key"
 if [ ! -f "$VENV/.complete" ]; then
   log "creating venv $VENV (torch $TORCH_VERSION; a few minutes the first time)"
