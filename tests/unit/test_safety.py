@@ -177,6 +177,52 @@ def test_no_pickle_and_no_unsafe_torch_load_in_the_project():
     assert found == [], "pickle is never allowed (adapters are safetensors):\n" + "\n".join(found)
 
 
+# =========================================================================== cancel is never swallowed
+
+
+def _swallowing_handlers(source: str) -> list[int]:
+    """Lines of ``except:`` / ``except BaseException`` handlers that do not re-raise.
+
+    ComfyUI's Cancel raises ``InterruptProcessingException``, an ``Exception`` in 0.3.x and a
+    ``BaseException`` in 0.33: a handler of either kind that does not re-raise would swallow it.
+    """
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ExceptHandler):
+            names = []
+            t = node.type
+            for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                names.append(getattr(e, "id", getattr(e, "attr", None)) if e is not None else None)
+            if (None in names or "BaseException" in names) and not any(
+                    isinstance(n, ast.Raise) for n in ast.walk(node)):
+                bad.append(node.lineno)
+    return bad
+
+
+def test_no_handler_in_the_pack_swallows_cancel():
+    assert _swallowing_handlers("try:\n    f()\nexcept BaseException:\n    pass\n") == [3]
+    assert _swallowing_handlers("try:\n    f()\nexcept:\n    log()\n") == [3]
+    assert _swallowing_handlers("try:\n    f()\nexcept BaseException:\n    cleanup()\n    raise\n") == []
+    files = sorted((REPO / "p3s_core").glob("*.py")) + sorted((REPO / "nodes").glob("*.py"))
+    assert len(files) > 10
+    found = [f"{p.relative_to(REPO)}:{line}" for p in files for line in _swallowing_handlers(p.read_text())]
+    assert found == []
+
+
+def test_training_code_catches_no_broad_exception_around_the_steps():
+    """In the training loop and the Trainer node no ``except Exception`` may sit around the steps
+    (it would swallow Cancel on 0.3.x); the only ones allowed are the cleanup / preview helpers."""
+    allowed = {"p3s_core/comfy_backend_train.py": {"close", "_preview"}}
+    for rel in ("p3s_core/train.py", "p3s_core/comfy_backend_train.py", "nodes/trainer_nodes.py"):
+        tree = ast.parse((REPO / rel).read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ExceptHandler) and getattr(node.type, "id", None) == "Exception":
+                    assert fn.name in allowed.get(rel, set()), f"{rel}: {fn.name} catches Exception"
+
+
 # =========================================================================== kill during save
 
 N_TENSORS, TENSOR_ELEMS = 8, 64 * 1024  # 2 MiB of float32
