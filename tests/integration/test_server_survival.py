@@ -383,6 +383,7 @@ P3S_PROMPTS = {
     "`test_injector_bad_reference[rgba]`": [(injector_graph(_special_image("rgba")), "4 channels (RGBA)")],
     "`test_injector_adapter_not_an_adapter[p3s_adapter.safetensors]`": [
         (injector_graph(adapter="p3s_adapter.safetensors"), "expected a P3S adapter, got a str")],
+    "`test_injector_adapter_not_an_adapter[None]`": [(injector_graph(adapter=None), "got a NoneType")],
     "`test_injector_schedule_not_a_schedule`": [(injector_graph(schedule={"mode": "paper"}), "expected P3S_SCHEDULE")],
     **{f"`test_adapter_loader_refuses_damaged_file[{n}]`": [(loader(n), None)] for n in (
         "bad_truncated.safetensors", "bad_text.safetensors", "bad_pickle_zip.safetensors",
@@ -427,7 +428,6 @@ REFUSED_400 = {
                                                             "value_bigger_than_max"),
     "`test_injector_setting_out_of_range[strength--1.0-…]`": (injector_graph(strength=-1.0), "value_smaller_than_min"),
     "`test_injector_setting_out_of_range[apply_to-…]`": (injector_graph(apply_to="uncond only"), "value_not_in_list"),
-    "`test_injector_adapter_not_an_adapter[None]`": (injector_graph(adapter=None), "adapter"),
     "`test_adapter_loader_missing_file_lists_folders`": (loader("no_such_adapter.safetensors"), "value_not_in_list"),
     "`test_adapter_loader_name_with_path[…]` (6)": (loader("../escape.safetensors"), "value_not_in_list"),
     "`test_adapter_save_input_is_not_an_adapter`": (save_graph("not_an_adapter", adapter=["ckpt", 0]),
@@ -464,6 +464,12 @@ def test_every_catalogue_row_a_prompt_can_carry_fails_typed_through_the_server(s
     # the catalogue and this test agree row for row (and so on the count)
     assert set(P3S_PROMPTS) == by_kind["P3S"], (sorted(set(P3S_PROMPTS) ^ by_kind["P3S"]))
     assert set(REFUSED_400) == by_kind["400"], (sorted(set(REFUSED_400) ^ by_kind["400"]))
+    import re
+
+    doc = ERRORS_MD.read_text()
+    for kind in ("P3S", "400"):  # the counts the page states are the counts sent here
+        stated = re.search(rf"\*\*{kind}\*\* \((\d+) rows\)", doc)
+        assert stated and int(stated.group(1)) == len(by_kind[kind]), (kind, stated and stated.group(0))
     inputs = {row["test"]: row["input"] for row in rows}
     good = [scheduler(mode="fixed", weight=0.1 * (i + 1)) for i in range(10)]
     sent = {"P3S": 0, "400": 0, "good": 0}
