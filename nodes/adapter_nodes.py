@@ -125,7 +125,11 @@ class P3SAdapterSave:
     def save(self, adapter, name):
         from ..p3s_core.adapter import save_adapter
 
+        from ..p3s_core.adapter import check_finite
+
         check_adapter(adapter, "adapter")
         name = adapter_file_name(name, "name")
+        check_finite(adapter.state_dict(), "adapter", "the adapter",  # before any file is touched
+                     "do not save it: train again with a lower learning_rate (or load the last good save)")
         path = save_adapter(adapter, os.path.join(save_folder(), name))
         return {"ui": {"text": [str(path)]}, "result": (name,)}

@@ -697,6 +697,18 @@ def test_adapter_save_names_valid_everywhere_are_accepted(comfy, tiny_adapter, p
         path.unlink()
 
 
+def test_adapter_save_refuses_non_finite_weights(comfy, tiny_adapter, nothing_written):
+    import copy
+
+    diverged = copy.deepcopy(tiny_adapter)
+    with torch.no_grad():
+        diverged.encoder.to_q.weight[0, 0] = float("inf")
+    with expect(comfy, "AdapterFileError", "adapter", "lower learning_rate",
+                "holds NaN or infinite weights in 1 tensors: encoder.to_q.weight"):
+        with torch.inference_mode():
+            comfy.node("P3SAdapterSave")().save(diverged, "diverged")
+
+
 def test_adapter_save_name_too_long(comfy, tiny_adapter, nothing_written):
     with expect(comfy, "AdapterFileError", "name", "shorter name", "at most 200"):
         with torch.inference_mode():
