@@ -15,7 +15,10 @@ def batch():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, H, W, 3, generator=g) * 0.2 + 0.4
     img[0, 20:70, 10:60] = torch.tensor([0.9, 0.6, 0.2])   # subject
-    img[0, 20:70, 100:150] = torch.tensor([0.85, 0.6, 0.25])  # look-alike distractor
+    # the distractor: same shape and size, another colour. With the random-weight CLIP of the tests a
+    # same-coloured look-alike has the same features as the subject (M_P = M_N: nothing to tell
+    # apart); a real CLIP tells look-alikes apart by what they are, which random weights cannot
+    img[0, 20:70, 100:150] = torch.tensor([0.15, 0.35, 0.9])
     img[1, 30:80, 40:100] = torch.tensor([0.9, 0.6, 0.2])
     return img
 
