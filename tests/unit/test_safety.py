@@ -380,7 +380,7 @@ def _dumps(v) -> str:
         return "{"
 
 
-@counted(min_accepted=8, min_refused=20)  # measured (60 examples): 13 / 47
+@counted(min_accepted=5, min_refused=20)  # measured (60 examples, file alone): 13 / 47
 @SETTINGS
 @given(state=_state, as_text=st.booleans(), width=st.integers(1, 3000), height=st.integers(1, 3000),
        batch=st.integers(1, 4))
@@ -402,7 +402,7 @@ def test_widget_state_gives_valid_points_or_points_error(state, as_text, width, 
             assert math.isfinite(x) and math.isfinite(y) and 0 <= x <= width and 0 <= y <= height
 
 
-MIN_ACC_PIPE, MIN_REF_PIPE = 5, 20  # measured (60 examples): 9 accepted / 51 refused
+MIN_ACC_PIPE, MIN_REF_PIPE = 10, 10  # measured (60 examples, file alone): 33 accepted / 27 refused
 
 
 @st.composite
@@ -411,7 +411,7 @@ def _pipeline_case(draw):
     h, w = draw(st.integers(1, 48)), draw(st.integers(1, 64))
     x = st.one_of(st.floats(0, w), st.integers(0, w), st.floats(-5, w + 5), st.just(float("nan")))
     y = st.one_of(st.floats(0, h), st.integers(0, h), st.floats(-5, h + 5), st.just(float("inf")))
-    good = st.lists(st.fixed_dictionaries({"x": st.floats(0, w), "y": st.floats(0, h)}), max_size=3)
+    good = st.lists(st.fixed_dictionaries({"x": st.floats(0, w), "y": st.floats(0, h)}), min_size=1, max_size=3)
     text = st.one_of(good.map(_dumps), good.map(_dumps),
                      st.lists(st.fixed_dictionaries({"x": x, "y": y}), max_size=3).map(_dumps), st.text(max_size=12))
     return h, w, draw(text), draw(text)
