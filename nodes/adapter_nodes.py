@@ -7,19 +7,46 @@ from .common import ADAPTER, CATEGORY
 from .paths import adapter_folders, list_adapters, save_folder
 
 
+#: Names Windows reserves for devices, with or without an extension ("con", "NUL.safetensors").
+WINDOWS_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+                             | {f"{d}{i}" for d in ("COM", "LPT") for i in (*range(10), "\u00b9", "\u00b2", "\u00b3")})
+#: Characters Windows (and, for ':', macOS) does not allow in a file name.
+FORBIDDEN_CHARS = '<>:"|?*'
+MAX_NAME_BYTES = 200
+
+
 def check_adapter_name(name: str, input_name: str) -> str:
-    """A plain file name for ``models/p3s`` (no folders, '..', ':', control characters, not hidden)."""
+    """A plain file name for ``models/p3s`` that is valid on Linux, Windows AND macOS.
+
+    Refused on every platform (so a workflow made on Linux works on Windows): folders, '..',
+    hidden names, control characters, the characters ``<>:"|?*``, a leading or trailing space
+    or a trailing dot (Windows drops those), reserved device names (``con``, ``nul``, ``com1``,
+    ``lpt1`` ... with or without an extension), names over 200 bytes.
+    """
     from ..p3s_core.errors import AdapterFileError
 
-    name = str(name).strip()
-    if (not name or "/" in name or "\\" in name or ".." in name or name.startswith(".") or ":" in name
-            or any(ord(c) < 32 for c in name)):
+    name = str(name)
+    simple = "use a simple name such as 'my_dog' (letters, digits, '-', '_'); files go to models/p3s"
+    stripped = name.strip()
+    if (not stripped or "/" in name or "\\" in name or ".." in name or ":" in name
+            or stripped.startswith(".")
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
         raise AdapterFileError(input_name, f"{name!r} is not a plain file name (no folders, no '..', no ':', "
-                               "no control characters, not hidden)",
-                               "use a simple name such as 'my_dog'; files go to models/p3s")
-    if len(name.encode("utf-8")) > 200:
-        raise AdapterFileError(input_name, f"the name is {len(name.encode('utf-8'))} bytes long (at most 200)",
-                               "use a shorter name such as 'my_dog'")
+                               "no control characters, not hidden)", simple)
+    bad = sorted({c for c in name if c in FORBIDDEN_CHARS})
+    if bad:
+        raise AdapterFileError(input_name, f"{name!r} contains {' '.join(bad)}, which Windows does not allow "
+                               "in file names (':' not on macOS either)", simple)
+    if name != stripped or name.endswith("."):
+        raise AdapterFileError(input_name, f"{name!r} starts or ends with a space or ends with a dot, which "
+                               "Windows drops from file names", simple)
+    stem = name.split(".", 1)[0].rstrip(" ").upper()
+    if stem in WINDOWS_RESERVED:
+        raise AdapterFileError(input_name, f"{name!r} is a reserved device name on Windows (CON, PRN, AUX, NUL, "
+                               "COM0-9, LPT0-9, also with an extension)", simple)
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise AdapterFileError(input_name, f"the name is {len(name.encode('utf-8'))} bytes long (at most "
+                               f"{MAX_NAME_BYTES})", "use a shorter name such as 'my_dog'")
     return name
 
 
@@ -98,7 +125,11 @@ class P3SAdapterSave:
     def save(self, adapter, name):
         from ..p3s_core.adapter import save_adapter
 
+        from ..p3s_core.adapter import check_finite
+
         check_adapter(adapter, "adapter")
         name = adapter_file_name(name, "name")
+        check_finite(adapter.state_dict(), "adapter", "the adapter",  # before any file is touched
+                     "do not save it: train again with a lower learning_rate (or load the last good save)")
         path = save_adapter(adapter, os.path.join(save_folder(), name))
         return {"ui": {"text": [str(path)]}, "result": (name,)}

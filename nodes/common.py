@@ -17,6 +17,12 @@ SCHEDULE = "P3S_SCHEDULE"    # p3s_core.schedule.P3SSchedule
 
 #: Smallest reference side: one CLIP ViT-L/14 patch.
 MIN_IMAGE_SIDE = 14
+#: Largest side and batch the P3S nodes take (a 48 MP photo is 8000x6000; a subject needs 3-5
+#: reference photos): above these the per-pixel work (fill, previews, encoding) would explode.
+MAX_IMAGE_SIDE = 8192
+MAX_BATCH = 64
+#: Longest text a P3S text input takes (a prompt is at most a few hundred characters).
+MAX_TEXT_CHARS = 10_000
 
 
 class SettingError(P3SError):
@@ -61,6 +67,12 @@ def check_image_batch(image, input_name: str = "image"):
     if shape[1] < MIN_IMAGE_SIDE or shape[2] < MIN_IMAGE_SIDE:
         raise ImageInputError(input_name, f"the images are {shape[2]}x{shape[1]} pixels, below one CLIP patch",
                               "use reference photos of at least 64x64 pixels")
+    if shape[0] > MAX_BATCH:
+        raise ImageInputError(input_name, f"the batch has {shape[0]:,} images (at most {MAX_BATCH})",
+                              f"use at most {MAX_BATCH} reference images (3-5 photos of the subject are enough)")
+    if shape[1] > MAX_IMAGE_SIDE or shape[2] > MAX_IMAGE_SIDE:
+        raise ImageInputError(input_name, f"the images are {shape[2]}x{shape[1]} pixels (at most {MAX_IMAGE_SIDE} "
+                              "per side)", "scale them down first (core node 'Upscale Image' with a smaller size)")
     if not image.is_floating_point():
         raise ImageInputError(input_name, f"the IMAGE has dtype {image.dtype}; ComfyUI images are floats in 0..1",
                               "connect a standard IMAGE output (e.g. Load Image), or convert the values to float 0..1")
@@ -68,6 +80,16 @@ def check_image_batch(image, input_name: str = "image"):
         raise ImageInputError(input_name, "the images contain NaN or infinite values",
                               "check the node that produced them (e.g. a VAE Decode that overflowed in fp16; try --fp32-vae)")
     return shape
+
+
+def check_text(value, input_name: str, max_chars: int = MAX_TEXT_CHARS, fix: str | None = None) -> str:
+    """A string of at most ``max_chars`` characters (checked before any parsing)."""
+    if not isinstance(value, str):
+        raise SettingError(input_name, f"expected text, got a {type(value).__name__}", fix or "enter text")
+    if len(value) > max_chars:
+        raise SettingError(input_name, f"the text is {len(value):,} characters long (at most {max_chars:,})",
+                           fix or f"shorten it to at most {max_chars:,} characters")
+    return value
 
 
 def check_number(value, input_name: str, low: float, high: float, fix: str | None = None) -> float:

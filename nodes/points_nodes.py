@@ -15,12 +15,18 @@ def draw_points(rgb, image_points, radius: int):
 
     out = np.array(rgb, dtype=np.float32, copy=True)
     h, w = out.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
+    r = int(np.ceil(radius)) + 1
     for pts, color in ((image_points.positive, POS_COLOR), (image_points.negative, NEG_COLOR)):
-        for x, y in pts:
+        for x, y in pts:  # only the window around the point: cost per point is O(radius^2)
+            x0, x1 = max(0, int(x) - r), min(w, int(x) + r + 1)
+            y0, y1 = max(0, int(y) - r), min(h, int(y) + r + 1)
+            if x0 >= x1 or y0 >= y1:
+                continue
+            yy, xx = np.mgrid[y0:y1, x0:x1]
             d = np.hypot(xx - x, yy - y)
-            out[d <= radius] = color
-            out[(d <= radius * 0.45)] = (1.0, 1.0, 1.0)
+            win = out[y0:y1, x0:x1]
+            win[d <= radius] = color
+            win[d <= radius * 0.45] = (1.0, 1.0, 1.0)
     return out
 
 

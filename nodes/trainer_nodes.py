@@ -5,7 +5,7 @@ import os
 import shutil
 
 from .adapter_nodes import adapter_file_name, check_adapter
-from .common import ADAPTER, CATEGORY, check_image_batch, numpy_to_image
+from .common import ADAPTER, CATEGORY, check_image_batch, check_text, numpy_to_image
 
 
 def _estimated_adapter_bytes() -> int:
@@ -95,6 +95,7 @@ class P3STrainer:
 
         # --- validate everything before any work -----------------------------------------------
         check_image_batch(images, "images")  # the same IMAGE checks as every P3S node (RGB, finite, float)
+        check_text(prompt, "prompt", fix="write a short prompt such as 'a photo of sks dog'")
         mask = _check_mask(images, mask)
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
                                  resolution=resolution, save_every=save_every,

@@ -19,7 +19,12 @@ Decisions:
 * ``base_unet_hash`` is a cheap fingerprint (:func:`unet_fingerprint`), not a full hash of the
   ~1.7 GB UNet: names, shapes and 256 evenly spaced values per tensor.
 * Loading builds the model on the meta device and assigns the file's tensors (no random init, no
-  double memory); the file's dtype is kept unless ``dtype`` is given.
+  double memory); the file's dtype is kept unless ``dtype`` is given. The tensors are read into
+  ordinary owned, 64-byte-aligned memory (:func:`~p3s_core.safe_io.read_safetensors_tensors`),
+  never left as views into a memory map of the file: the file can be replaced or deleted while
+  ComfyUI runs, and results do not depend on the offsets inside the file.
+* Non-finite weights (NaN / inf) are refused on load and before a save (:func:`check_finite`):
+  they would make every sample black.
 * :func:`new_adapter` and :func:`load_adapter` run under ``torch.inference_mode(False)``: ComfyUI
   executes nodes in inference mode, and parameters created there would be inference tensors that
   the trainer could not back-propagate through.
@@ -39,7 +44,7 @@ from torch import nn
 from .copy_unet import (CopyUNetConfig, P3SCopyUNet, init_from_ldm_unet, layer_map, ldm_key_map)
 from .encoder import RNGREncoder
 from .errors import AdapterFileError
-from .safe_io import atomic_save_safetensors, read_safetensors_header
+from .safe_io import atomic_save_safetensors, read_safetensors_header, read_safetensors_tensors
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,6 +56,7 @@ __all__ = [
     "new_adapter",
     "adapter_metadata",
     "unet_fingerprint",
+    "check_finite",
 ]
 
 FORMAT_VERSION = 1
@@ -134,7 +140,19 @@ def save_adapter(adapter: P3SAdapter, path: str | os.PathLike,
                                    "convert metadata values to strings")
         meta[k] = v
     tensors = {k: v for k, v in adapter.state_dict().items()}
+    check_finite(tensors, str(path), "the adapter to save",
+                 "do not save it: train again with a lower learning_rate (or resume from the last "
+                 "good save)")
     return atomic_save_safetensors(tensors, path, meta)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], input_name: str, what: str, fix: str) -> None:
+    """Raise :class:`AdapterFileError` if any floating tensor holds NaN or infinity."""
+    bad = [k for k, t in tensors.items()
+           if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterFileError(input_name, f"{what} holds NaN or infinite weights in {len(bad)} "
+                               f"tensors: {_names(bad)}", fix)
 
 
 def _json_meta(path, meta: Mapping[str, str], key: str):
@@ -144,7 +162,7 @@ def _json_meta(path, meta: Mapping[str, str], key: str):
     try:
         return json.loads(meta[key])
     except ValueError as exc:
-        raise AdapterFileError(str(path), f"the metadata entry {key!r} is not valid JSON",
+        raise AdapterFileError(str(path), f"the metadata entry {key!r} is corrupted (not valid JSON)",
                                "re-save the adapter with the P3S Trainer") from exc
 
 
@@ -161,7 +179,8 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
     Checks, in order: a real safetensors file (no pickle is ever opened), format version (newer ->
     "update the pack"), base family (only ``sd15``), config, layer map equal to the one this
     version expects, every tensor present with the expected shape and a float dtype, no extra
-    tensors. Reads tensors with ``safetensors.torch.load_file`` only. Returns the adapter in eval
+    tensors, every value finite. Reads tensors with :func:`~p3s_core.safe_io.read_safetensors_tensors`
+    (owned, aligned memory; the file is closed afterwards). Returns the adapter in eval
     mode on ``device`` (dtype of the file unless ``dtype`` is given).
     """
     with torch.inference_mode(False):
@@ -169,8 +188,6 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
-    from safetensors.torch import load_file
-
     meta, infos = read_safetensors_header(path)
     if "p3s_format_version" not in meta:
         raise AdapterFileError(str(path), "this safetensors file is not a P3S adapter (no "
@@ -193,7 +210,15 @@ def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
         raise AdapterFileError(str(path), f"the adapter is for base model family {family!r}, but "
                                f"this pack is SD1.5 ('{BASE_FAMILY}') only",
                                "use an adapter trained on an SD1.5 model")
-    config = CopyUNetConfig.from_dict(_json_meta(path, meta, "config"))
+    raw_config = _json_meta(path, meta, "config")
+    try:
+        config = CopyUNetConfig.from_dict(raw_config)
+    except AdapterFileError as exc:
+        raise AdapterFileError(str(path), f"the metadata entry 'config' is corrupted ({exc.problem})",
+                               "re-save or re-train the adapter") from None
+    except Exception as exc:  # any other error of the dataclass on a corrupted value
+        raise AdapterFileError(str(path), f"the metadata entry 'config' is corrupted ({type(exc).__name__}: "
+                               f"{str(exc)[:120]})", "re-save or re-train the adapter") from None
     enc = _json_meta(path, meta, "encoder_config")
     if (not isinstance(enc, dict) or set(enc) != {"latent_channels", "clip_dim", "inner_dim"}
             or not all(isinstance(v, int) and v > 0 for v in enc.values())
@@ -238,16 +263,21 @@ def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
     if not_float:
         raise AdapterFileError(str(path), f"tensors with a non-float dtype: {_names(not_float)}",
                                "re-train the adapter")
-    dev = str(torch.device(device))
-    try:
-        sd = load_file(str(path), device=dev)
-    except Exception as exc:  # SafetensorError and OS errors
-        raise AdapterFileError(str(path), f"the tensors cannot be read ({exc})",
-                               "re-save or re-train the adapter") from exc
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+    sd = _read_weights(path, infos, device, dtype)
     adapter.load_state_dict(sd, strict=True, assign=True)
     return adapter.eval()
+
+
+def _read_weights(path: Path, infos, device, dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors in owned, aligned memory on ``device`` (``dtype`` if given), all finite."""
+    sd = read_safetensors_tensors(path, infos)
+    check_finite(sd, str(path), "the adapter file",
+                 "the file is damaged or was saved from a diverged training; use an earlier save "
+                 "or re-train with a lower learning_rate")
+    dev = torch.device(device)
+    if dtype is not None or dev.type != "cpu":
+        sd = {k: v.to(device=dev, dtype=dtype or v.dtype) for k, v in sd.items()}
+    return sd
 
 
 def unet_fingerprint(unet_state_dict: Mapping[str, torch.Tensor], keys=None) -> str:

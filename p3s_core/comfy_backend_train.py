@@ -432,6 +432,7 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
     import comfy.utils
 
     from .adapter import save_adapter
+    from .errors import AdapterFileError
     from .train import plot_losses, train_adapter
 
     settings.validate(prompt)
@@ -466,7 +467,17 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
 
         def save(step, loss):
             adapter.training_info = dict(info_base, steps=int(step), loss=float(loss))
-            save_adapter(adapter, save_path)
+            try:
+                save_adapter(adapter, save_path)  # refuses non-finite weights, writes nothing
+            except AdapterFileError as exc:
+                if "NaN or infinite" not in exc.problem:
+                    raise
+                kept = (f"the save of step {saved[-1]} in {save_path} is kept" if saved
+                        else f"nothing was saved by this run ({save_path} is unchanged)")
+                raise TrainingDivergedError("learning_rate", f"the weights after step {step} are not "
+                                            f"finite ({exc.problem}); {kept}",
+                                            "train again with a lower learning_rate (paper: 1e-5) or "
+                                            "resume from the last good save") from exc
             saved.append(int(step))
 
         def on_step(step, total, loss):

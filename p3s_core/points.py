@@ -32,10 +32,20 @@ __all__ = [
     "parse_coordinates",
     "format_coordinates",
     "points_from_strings",
+    "MAX_POINTS_PER_IMAGE",
+    "MAX_TEXT_CHARS",
+    "MAX_IMAGES",
 ]
 
 #: The ComfyUI socket type name of :class:`P3SPoints`.
 P3S_POINTS_TYPE = "P3S_POINTS"
+
+#: Limits that serve real use (a few clicks per image; SAM2 / KJNodes strings of tens of points)
+#: while refusing, before any parsing, inputs whose work would explode (1,000,000 points once took
+#: 108 s to draw). Each is a row of docs/ERRORS.md.
+MAX_POINTS_PER_IMAGE = 100    # positive points of one image; the same for its negative points
+MAX_TEXT_CHARS = 200_000      # a coordinate string or the widget state (100 points ~ 3,000 chars)
+MAX_IMAGES = 64               # per-image lists / widget images (the IMAGE batch cap too)
 
 #: Version of the plain-JSON layout written by :meth:`P3SPoints.to_json`.
 POINTS_JSON_VERSION = 1
@@ -153,6 +163,8 @@ class P3SPoints:
             if not state.strip():
                 state = {}
             else:
+                _check_text_size(state, input_name, "click the points again in the P3S Point Selector "
+                                 f"(at most {MAX_POINTS_PER_IMAGE} points per image)")
                 try:
                     state = json.loads(state)
                 except (ValueError, RecursionError) as exc:
@@ -223,6 +235,8 @@ def _load(text: Any, input_name: str) -> Any:
     if not isinstance(text, str):
         raise PointsError(input_name, f"expected a text of coordinates, got {type(text).__name__}",
                           'give JSON like [{"x": 312, "y": 205}]')
+    _check_text_size(text, input_name, f"give at most {MAX_POINTS_PER_IMAGE} points per image "
+                     '(e.g. [{"x": 312, "y": 205}]); thin out the points of the node that made them')
     s = text.strip()
     if not s:
         return []
@@ -239,6 +253,26 @@ def _load(text: Any, input_name: str) -> Any:
         'write the points as JSON like [{"x": 312, "y": 205}] (pixel coordinates) or '
         "connect the coordinates output of the KJNodes Points Editor",
     )
+
+
+def _check_text_size(text: str, input_name: str, fix: str) -> None:
+    if len(text) > MAX_TEXT_CHARS:
+        raise PointsError(input_name, f"the text is {len(text):,} characters long (at most "
+                          f"{MAX_TEXT_CHARS:,})", fix)
+
+
+def _check_count(n_points: int, input_name: str, where: str) -> None:
+    if n_points > MAX_POINTS_PER_IMAGE:
+        raise PointsError(input_name, f"{n_points:,} points for {where} (at most "
+                          f"{MAX_POINTS_PER_IMAGE} positive and {MAX_POINTS_PER_IMAGE} negative per image)",
+                          f"give at most {MAX_POINTS_PER_IMAGE} points per image: a few on the subject "
+                          "and one or two on the distractor are enough")
+
+
+def _check_image_count(n: int, input_name: str) -> None:
+    if n > MAX_IMAGES:
+        raise PointsError(input_name, f"points for {n:,} images (at most {MAX_IMAGES})",
+                          f"use at most {MAX_IMAGES} reference images")
 
 
 def _is_pair(v: Any) -> bool:
@@ -322,6 +356,9 @@ def _structure(obj: Any, input_name: str) -> tuple[bool, list]:
 def _convert(lists: list[list], width: int, height: int, input_name: str,
              per_image: bool) -> list[list[Point]]:
     """Turn raw point lists into floats, apply the normalised-coordinate rule, check bounds."""
+    _check_image_count(len(lists), input_name)
+    for i, pts in enumerate(lists):
+        _check_count(len(pts), input_name, f"image {i}" if per_image else "each image")
     raw: list[list[tuple[float, float]]] = []
     for i, pts in enumerate(lists):
         cur = []
@@ -392,6 +429,12 @@ def _images_from_state(data: dict, input_name: str) -> list[ImagePoints]:
     if not isinstance(images, list):
         raise PointsError(input_name, f"'images' must be a list, got {type(images).__name__}",
                           "click the points again in the P3S Point Selector")
+    _check_image_count(len(images), input_name)
+    for i, entry in enumerate(images):
+        if isinstance(entry, dict):
+            for kind in ("positive", "negative"):
+                if isinstance(entry.get(kind), list):
+                    _check_count(len(entry[kind]), input_name, f"image {i} ({kind})")
     out = []
     for i, entry in enumerate(images):
         if entry is None:

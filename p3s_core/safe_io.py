@@ -13,7 +13,16 @@ Decisions:
   ``os.fsync``-ed, then ``os.replace``-d over the target, so a crash or error never leaves a
   half-written adapter and an older file at that path stays intact. The temp file is removed on
   any error.
-* :func:`read_safetensors_header` only parses bytes and JSON: nothing is ever unpickled.
+* :func:`read_safetensors_header` only parses bytes and JSON: nothing is ever unpickled. It tells
+  the faults apart: a pickle / PyTorch checkpoint is recognised by its own signature (zip
+  ``PK\x03\x04`` or pickle protocol ``\x80 2..5``) only when the bytes are not a plausible
+  safetensors header (a real header length can start with byte ``0x80``); a header that is
+  not valid JSON / UTF-8 is "corrupted", a file shorter than it declares is "truncated".
+* :func:`read_safetensors_tensors` reads the tensors into ordinary memory that torch allocated
+  (64-byte aligned, owned, no file mapping kept): the file can be replaced or deleted while
+  ComfyUI runs, and the CPU picks the same kernels as for any other tensor. A view into a
+  memory map at an arbitrary offset is not aligned and made results differ by ~1e-5 between CPUs.
+* Before each save, hidden temp files of this target left by a crashed (killed) save are removed.
 """
 from __future__ import annotations
 
@@ -34,6 +43,9 @@ __all__ = [
     "read_safetensors_header",
     "SAFETENSORS_DTYPES",
     "MAX_HEADER_BYTES",
+    "read_safetensors_tensors",
+    "TORCH_DTYPES",
+    "clean_stale_temp_files",
 ]
 
 #: torch dtype -> safetensors dtype string.
@@ -49,6 +61,8 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+#: safetensors dtype string -> torch dtype (the ones this pack reads).
+TORCH_DTYPES: dict[str, torch.dtype] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _ITEMSIZE: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -117,6 +131,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     except OSError as exc:
         raise AdapterFileError(str(path), f"cannot create the folder {folder} ({exc})",
                                "choose a writable location") from exc
+    clean_stale_temp_files(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -141,6 +156,44 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     return path
 
 
+#: A temp file of a save still running in another process is younger than this; older ones are
+#: left-overs of a crashed save (a save of even a 1.7 GB adapter takes seconds).
+STALE_TEMP_S = 600.0
+
+
+def clean_stale_temp_files(path: str | os.PathLike, older_than_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove ``.<name>.*.tmp`` files next to ``path`` older than ``older_than_s`` seconds.
+
+    They are what a save killed mid-write leaves (the finished file is only ever renamed into
+    place). Only this target's own temp-name pattern is touched. Returns the removed paths.
+    """
+    import time
+
+    path = Path(path)
+    removed = []
+    folder = path.parent if str(path.parent) else Path(".")
+    now = time.time()
+    try:
+        candidates = list(folder.glob(f".{glob_escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        try:
+            if tmp.is_file() and now - tmp.stat().st_mtime >= older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob wildcards escaped (``[`` -> ``[[]`` ...)."""
+    import glob
+
+    return glob.escape(name)
+
+
 def _refuse(path, problem: str, fix: str = "select a .safetensors adapter saved by the P3S "
             "Trainer (or re-train it)") -> AdapterFileError:
     return AdapterFileError(str(path), problem, fix)
@@ -163,29 +216,35 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], di
     with open(p, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
+            if _looks_like_pickle(head):
+                raise _pickle_refusal(p)
             raise _refuse(p, f"the file is truncated or empty ({size} bytes, not a safetensors "
                           "file)")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise _refuse(p, "this is a pickle / PyTorch checkpoint (torch.save), not a "
-                          "safetensors file; P3S never unpickles files because they can run code",
-                          "use a .safetensors adapter saved by the P3S Trainer")
         (n,) = struct.unpack("<Q", head)
+        first = fh.read(1) if 0 < n <= MAX_HEADER_BYTES and 8 + n <= size else b""
+        if first != b"{" and _looks_like_pickle(head):
+            raise _pickle_refusal(p)
         if n == 0 or n > MAX_HEADER_BYTES:
             raise _refuse(p, f"not a safetensors file (declared header length {n})")
         if 8 + n > size:
             raise _refuse(p, f"the file is truncated: header of {n} bytes declared but the file "
                           f"has {size} bytes")
-        raw = fh.read(n)
+        if first != b"{":
+            raise _refuse(p, "not a safetensors file (its header does not start with a JSON object)")
+        raw = first + fh.read(n - 1)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _refuse(p, f"not a safetensors file (the header is not JSON: {exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _refuse(p, f"the safetensors header (tensor list and metadata) is corrupted: it is "
+                      f"not valid JSON ({exc})", "the file was damaged after saving; re-save or "
+                      "re-train the adapter (or restore a copy)") from None
     if not isinstance(header, dict):
         raise _refuse(p, "not a safetensors file (the header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in meta.items()):
-        raise _refuse(p, "the safetensors metadata is not a map of strings")
+        raise _refuse(p, "the safetensors metadata is corrupted (not a map of strings)",
+                      "the file was damaged after saving; re-save or re-train the adapter")
     data_len = size - 8 - n
     spans = []
     for name, info in header.items():
@@ -219,3 +278,55 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], di
         raise _refuse(p, f"the file has {data_len - pos} unexpected trailing bytes (corrupt or "
                       "not a safetensors file)")
     return dict(meta), header
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """A zip archive (``torch.save`` since 1.6) or a pickle stream (protocol 2-5, legacy save)."""
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03",
+                                                                                b"\x04", b"\x05")
+                                           and head[2:3] not in (b"", b"\x00"))
+
+
+def _pickle_refusal(p) -> AdapterFileError:
+    return _refuse(p, "this is a pickle / PyTorch checkpoint (torch.save), not a safetensors file; P3S "
+                   "never unpickles files because they can run code",
+                   "use a .safetensors adapter saved by the P3S Trainer")
+
+
+def read_safetensors_tensors(path: str | os.PathLike, infos: Mapping[str, dict] | None = None
+                             ) -> dict[str, torch.Tensor]:
+    """Read every tensor of a safetensors file into fresh, owned, aligned CPU memory.
+
+    ``infos`` is the tensor part of :func:`read_safetensors_header` (read again when omitted).
+    Each tensor is allocated by torch (``torch.empty``, 64-byte aligned) and filled with
+    ``readinto`` from the file: no memory map stays behind, so the file may be replaced or
+    deleted afterwards. Raises :class:`AdapterFileError` when the file changed underneath (short
+    read) or a dtype cannot be read into torch.
+    """
+    p = Path(path)
+    if infos is None:
+        _, infos = read_safetensors_header(p)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with open(p, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            base = 8 + n
+            for name, info in infos.items():
+                dtype = TORCH_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise _refuse(p, f"tensor {name!r} has dtype {info['dtype']}, which this pack "
+                                  "does not read", "re-save the adapter with the P3S Trainer")
+                t = torch.empty(tuple(info["shape"]), dtype=dtype)
+                a, b = info["data_offsets"]
+                if b > a:
+                    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                    fh.seek(base + a)
+                    got = fh.readinto(buf)
+                    if got != b - a:
+                        raise _refuse(p, f"the file is truncated: tensor {name!r} has {got} of "
+                                      f"{b - a} bytes (was the file replaced while loading?)")
+                out[name] = t
+    except OSError as exc:
+        raise _refuse(p, f"the tensors cannot be read ({exc})", "check the file and its "
+                      "permissions, or re-save the adapter") from exc
+    return out

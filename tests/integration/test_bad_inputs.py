@@ -263,6 +263,30 @@ def test_point_selector_clicks_for_more_images_than_batch(comfy, no_temp_files):
         select(comfy, images(), points_store=json.dumps(three))
 
 
+def test_point_selector_too_many_points(comfy, no_temp_files):
+    many = json.dumps([{"x": 5, "y": 5}] * 101)
+    with expect(comfy, "PointsError", "coordinates_positive", "at most 100 points per image",
+                "101 points for each image (at most 100 positive and 100 negative per image)"):
+        select(comfy, images(), points_store="", coordinates_positive=many)
+
+
+def test_point_selector_coordinate_text_too_long(comfy, no_temp_files, monkeypatch):
+    points_mod = comfy.core("points")
+    calls = []
+    forbid(monkeypatch, points_mod.json, "loads", calls)  # refused from the length, before parsing
+    text = json.dumps([{"x": 5, "y": 5}] * 20_000)
+    with expect(comfy, "PointsError", "coordinates_positive", "at most 100 points per image",
+                f"the text is {len(text):,} characters long (at most 200,000)"):
+        select(comfy, images(), points_store="", coordinates_positive=text)
+    assert calls == []
+
+
+def test_point_selector_widget_state_too_long(comfy, no_temp_files):
+    state = json.dumps({"images": [{"positive": [[5, 5]] * 30_000}]})
+    with expect(comfy, "PointsError", "points_store", "click the points again", "characters long (at most 200,000)"):
+        select(comfy, images(), points_store=state)
+
+
 def test_point_selector_corrupt_widget_state(comfy, no_temp_files):
     with expect(comfy, "PointsError", "points_store", "click the points again", "not valid JSON"):
         select(comfy, images(), points_store='{"images": [')
@@ -282,6 +306,10 @@ BAD_IMAGES = {
     "uint8_values": (lambda: (images() * 255).to(torch.uint8), "dtype torch.uint8", "float 0..1"),
     "nan_pixels": (lambda: images().index_put_((torch.tensor([0]),), torch.tensor(float("nan"))),
                    "NaN or infinite", "check the node that produced them"),
+    "batch_too_large": (lambda: torch.rand(65, 16, 16, 3), "the batch has 65 images (at most 64)",
+                        "at most 64 reference images"),
+    "side_too_large": (lambda: torch.rand(1, 16, 8200, 3), "8200x16 pixels (at most 8192 per side)",
+                       "scale them down first"),
 }
 
 
@@ -508,11 +536,11 @@ def good_file(comfy, tiny_adapter, p3s_folder):
     return path
 
 
-def rewrite(comfy, good: Path, name: str, meta_update=None, drop_first=False, reshape_all=False) -> str:
+def rewrite(safe_io, good: Path, name: str, meta_update=None, drop_first=False, reshape_all=False,
+            nan_first=False) -> str:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    safe_io = comfy.core("safe_io")
     with safe_open(str(good), "pt") as f:
         meta = dict(f.metadata())
     meta.update(meta_update or {})
@@ -521,6 +549,10 @@ def rewrite(comfy, good: Path, name: str, meta_update=None, drop_first=False, re
         del tensors[sorted(tensors)[0]]
     if reshape_all:
         tensors = {k: torch.zeros(1) for k in tensors}
+    if nan_first:
+        first = sorted(tensors)[0]
+        tensors[first] = tensors[first].clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("nan")).reshape(
+            tensors[first].shape)
     safe_io.atomic_save_safetensors(tensors, good.parent / name, meta)
     return name
 
@@ -535,8 +567,9 @@ class _Trap:
         return (open, (str(self.marker), "w"))
 
 
-def bad_adapter_files(comfy, good: Path, tmp: Path) -> dict:
-    """name -> (problem, fix) of each damaged adapter written next to ``good``."""
+def bad_adapter_files(safe_io, good: Path, tmp: Path) -> dict:
+    """name -> (problem, fix) of each damaged adapter written next to ``good`` (``safe_io``: the
+    p3s_core.safe_io module; the server test reuses this with its own models folder)."""
     folder = good.parent
     raw = good.read_bytes()
     out = {}
@@ -549,45 +582,64 @@ def bad_adapter_files(comfy, good: Path, tmp: Path) -> dict:
         torch.save({"encoder.to_q.weight": torch.zeros(2), "trap": _Trap(tmp / f"unpickled_{name}")},
                    folder / name, _use_new_zipfile_serialization=zipped)
         out[name] = ("pickle / PyTorch checkpoint", "use a .safetensors adapter")
-    out[rewrite(comfy, good, "bad_sdxl_family.safetensors", {"base_family": "sdxl"})] = (
+    out[rewrite(safe_io, good, "bad_sdxl_family.safetensors", {"base_family": "sdxl"})] = (
         "for base model family 'sdxl'", "trained on an SD1.5 model")
-    out[rewrite(comfy, good, "bad_newer_format.safetensors", {"p3s_format_version": "2"})] = (
+    out[rewrite(safe_io, good, "bad_newer_format.safetensors", {"p3s_format_version": "2"})] = (
         "made by a newer P3S version", "update the pack")
-    out[rewrite(comfy, good, "bad_missing_tensor.safetensors", drop_first=True)] = (
+    out[rewrite(safe_io, good, "bad_missing_tensor.safetensors", drop_first=True)] = (
         "1 tensors are missing", "the file is incomplete")
-    out[rewrite(comfy, good, "bad_wrong_shapes.safetensors", reshape_all=True)] = (
+    out[rewrite(safe_io, good, "bad_wrong_shapes.safetensors", reshape_all=True)] = (
         "have the wrong shape", "re-train")
-    safe_io = comfy.core("safe_io")
     safe_io.atomic_save_safetensors({"lora_unet_down.weight": torch.zeros(4)}, folder / "bad_a_lora.safetensors", {})
     out["bad_a_lora.safetensors"] = ("not a P3S adapter", "adapter saved by the P3S Trainer")
+    # one byte of a metadata value turned into invalid UTF-8 (a damaged disk or download)
+    corrupt = bytearray(raw)
+    at = raw.index(b'"config":"') + len(b'"config":"') + 3
+    corrupt[at] = 0xFF
+    (folder / "bad_corrupt_metadata.safetensors").write_bytes(bytes(corrupt))
+    out["bad_corrupt_metadata.safetensors"] = ("the safetensors header (tensor list and metadata) is corrupted",
+                                               "re-save or re-train the adapter")
+    out[rewrite(safe_io, good, "bad_nan_weights.safetensors", nan_first=True)] = (
+        "holds NaN or infinite weights in 1 tensors", "use an earlier save or re-train with a lower learning_rate")
     return out
 
 
 @pytest.fixture(scope="module")
 def bad_files(comfy, good_file, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("unpickle_markers")
-    return tmp, bad_adapter_files(comfy, good_file, tmp)
+    return tmp, bad_adapter_files(comfy.core("safe_io"), good_file, tmp)
 
 
 BAD_FILE_NAMES = ["bad_truncated.safetensors", "bad_text.safetensors", "bad_pickle_zip.safetensors",
                   "bad_pickle_legacy.safetensors", "bad_sdxl_family.safetensors", "bad_newer_format.safetensors",
-                  "bad_missing_tensor.safetensors", "bad_wrong_shapes.safetensors", "bad_a_lora.safetensors"]
+                  "bad_missing_tensor.safetensors", "bad_wrong_shapes.safetensors", "bad_a_lora.safetensors",
+                  "bad_corrupt_metadata.safetensors"]
 
 
 @pytest.mark.parametrize("name", BAD_FILE_NAMES)
 def test_adapter_loader_refuses_damaged_file(comfy, bad_files, monkeypatch, name):
-    import safetensors.torch
-
     tmp, table = bad_files
     problem, fix = table[name]
     calls = []
-    forbid(monkeypatch, safetensors.torch, "load_file", calls)  # refused from the header: no tensor data read
+    # refused from the header: no tensor data read (the loader's only tensor reader is a spy)
+    forbid(monkeypatch, comfy.core("adapter"), "read_safetensors_tensors", calls)
     with expect(comfy, "AdapterFileError", "adapter_name", fix, problem) as info:
         with torch.inference_mode():
             comfy.node("P3SAdapterLoader")().load(name)
     assert f"'{name}'" in str(info.value)
     assert calls == []
     assert not any(tmp.iterdir()), "a pickle was unpickled"
+
+
+def test_adapter_loader_refuses_non_finite_weights(comfy, bad_files):
+    """NaN weights are only visible in the data: they are read, checked, and no adapter comes out."""
+    tmp, table = bad_files
+    name = "bad_nan_weights.safetensors"
+    problem, fix = table[name]
+    with expect(comfy, "AdapterFileError", "adapter_name", fix, problem) as info:
+        with torch.inference_mode():
+            comfy.node("P3SAdapterLoader")().load(name)
+    assert f"'{name}'" in str(info.value)
 
 
 def test_adapter_loader_missing_file_lists_folders(comfy, p3s_folder):
@@ -616,6 +668,45 @@ def test_adapter_save_name_with_path(comfy, tiny_adapter, nothing_written, name)
     with expect(comfy, "AdapterFileError", "name", "use a simple name", "not a plain file name"):
         with torch.inference_mode():
             comfy.node("P3SAdapterSave")().save(tiny_adapter, name)
+
+
+WINDOWS_BAD_NAMES = {
+    "con": "reserved device name on Windows", "NUL.safetensors": "reserved device name on Windows",
+    "com1": "reserved device name on Windows", "Lpt9.tar": "reserved device name on Windows",
+    "my_dog.": "ends with a dot", "my_dog ": "ends with a space", " my_dog": "starts or ends with a space",
+    "a?b": "contains ?", "a<b>": "contains < >", 'say "hi"': 'contains "', "a|b": "contains |", "a*": "contains *",
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOWS_BAD_NAMES))
+def test_adapter_save_name_invalid_on_windows(comfy, tiny_adapter, nothing_written, name):
+    """Refused on every platform, so a workflow made on Linux also saves on Windows and macOS."""
+    with expect(comfy, "AdapterFileError", "name", "use a simple name", WINDOWS_BAD_NAMES[name]):
+        with torch.inference_mode():
+            comfy.node("P3SAdapterSave")().save(tiny_adapter, name)
+
+
+def test_adapter_save_names_valid_everywhere_are_accepted(comfy, tiny_adapter, p3s_folder):
+    """The positive control: names close to the refused ones save (and load) fine."""
+    for name in ("console", "com10", "nullable.v2", "my dog", "über_hund"):
+        with torch.inference_mode():
+            out = comfy.node("P3SAdapterSave")().save(tiny_adapter, name)
+        assert out["result"] == (f"{name}.safetensors",)
+        path = p3s_folder / f"{name}.safetensors"
+        assert path.is_file()
+        path.unlink()
+
+
+def test_adapter_save_refuses_non_finite_weights(comfy, tiny_adapter, nothing_written):
+    import copy
+
+    diverged = copy.deepcopy(tiny_adapter)
+    with torch.no_grad():
+        diverged.encoder.to_q.weight[0, 0] = float("inf")
+    with expect(comfy, "AdapterFileError", "adapter", "lower learning_rate",
+                "holds NaN or infinite weights in 1 tensors: encoder.to_q.weight"):
+        with torch.inference_mode():
+            comfy.node("P3SAdapterSave")().save(diverged, "diverged")
 
 
 def test_adapter_save_name_too_long(comfy, tiny_adapter, nothing_written):
@@ -659,6 +750,11 @@ def test_trainer_mask_does_not_fit(comfy, train_args, mask, problem, fix):
         train(comfy, train_args, mask=mask)
 
 
+def test_trainer_prompt_too_long(comfy, train_args):
+    with expect(comfy, "SettingError", "prompt", "'a photo of sks dog'", "characters long (at most 10,000)"):
+        train(comfy, train_args, prompt="a photo of sks dog " * 600)
+
+
 def test_trainer_prompt_without_identifier(comfy, train_args):
     with expect(comfy, "TrainingConfigError", "prompt", "a photo of sks dog", "does not contain the identifier"):
         train(comfy, train_args, prompt="a photo of a dog")
@@ -691,10 +787,12 @@ def test_catalogue_lists_every_test():
     import re
 
     every = {name for name in globals() if name.startswith("test_")}
-    rows = every - {"test_catalogue_lists_every_test", "test_positive_controls_pass_the_checks"}
+    rows = every - {"test_catalogue_lists_every_test", "test_positive_controls_pass_the_checks",
+                    "test_adapter_save_names_valid_everywhere_are_accepted"}
     named = set(re.findall(r"`(test_[a-z0-9_]+)", doc))
     assert rows - named == set(), f"tests missing from docs/ERRORS.md: {sorted(rows - named)}"
     assert named - every == set(), f"docs/ERRORS.md names unknown tests: {sorted(named - every)}"
     assert os.path.basename(__file__) in doc
     rows = [line for line in doc.splitlines() if line.startswith("| ") and "`test_" in line]
-    assert len(rows) >= 25
+    stated = re.search(r"The catalogue has \*\*(\d+) rows\*\*", doc)
+    assert stated and int(stated.group(1)) == len(rows), "the row count stated in docs/ERRORS.md is stale"

@@ -15,7 +15,10 @@ def batch():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, H, W, 3, generator=g) * 0.2 + 0.4
     img[0, 20:70, 10:60] = torch.tensor([0.9, 0.6, 0.2])   # subject
-    img[0, 20:70, 100:150] = torch.tensor([0.85, 0.6, 0.25])  # look-alike distractor
+    # the distractor: same shape and size, another colour. With the random-weight CLIP of the tests a
+    # same-coloured look-alike has the same features as the subject (M_P = M_N: nothing to tell
+    # apart); a real CLIP tells look-alikes apart by what they are, which random weights cannot
+    img[0, 20:70, 100:150] = torch.tensor([0.15, 0.35, 0.9])
     img[1, 30:80, 40:100] = torch.tensor([0.9, 0.6, 0.2])
     return img
 
@@ -64,8 +67,11 @@ def test_rngr_node_shapes_ranges_dtypes(comfy, batch, clip_vision):
     assert removed[1].sum() == 0  # no negative point on image 1: nothing removed
     keep = removed[0] == 0
     assert torch.equal(cleaned[0][keep], batch[0][keep])  # outside the filled region: unchanged
-    if removed[0].sum() > 0:
-        assert removed[0, 45, 35] == 0  # the subject is never filled
+    # image 0 has a negative point on the look-alike: it must be removed there, and only there
+    assert removed[0, 45, 125] == 1.0, "the distractor under the negative point was not removed"
+    assert subject[0, 45, 35] == 1.0 and removed[0, 45, 35] == 0  # the subject is kept, never filled
+    assert not torch.allclose(cleaned[0, 45, 125], batch[0, 45, 125], atol=0.05)  # filled with something else
+    assert float(removed[0, :, 80:].mean()) > float(removed[0, :, :80].mean())  # on the distractor's side
 
 
 def test_points_map_to_the_right_clip_patches(comfy, batch, clip_vision):

@@ -273,3 +273,45 @@ def test_widget_state_errors():
         P3SPoints.from_widget_state({"images": [], "width": 0, "height": 5}, W, H, 1)
     with pytest.raises(PointsError, match="my_state"):
         P3SPoints.from_widget_state({"images": "x"}, W, H, 1, input_name="my_state")
+
+
+# ------------------------------------------------------------------ sizes: refused before the work
+def test_point_count_limit_serves_real_use_and_refuses_floods():
+    from p3s_core.points import MAX_POINTS_PER_IMAGE
+
+    ok = json.dumps([{"x": i % W, "y": i % H} for i in range(MAX_POINTS_PER_IMAGE)])
+    assert len(parse_coordinates(ok, W, H, "c")) == MAX_POINTS_PER_IMAGE
+    one_more = json.dumps([{"x": 1, "y": 1}] * (MAX_POINTS_PER_IMAGE + 1))
+    with pytest.raises(PointsError, match=rf"{MAX_POINTS_PER_IMAGE + 1} points for each image") as ei:
+        points_from_strings(one_more, "", W, H, 2)
+    assert ei.value.input_name == "coordinates_positive"
+    with pytest.raises(PointsError, match="points for image 0 .negative.") as ei:
+        P3SPoints.from_widget_state({"images": [{"positive": [[1, 1]], "negative": [[2, 2]] * 101}]}, W, H, 1,
+                                    input_name="points_store")
+
+
+def test_a_million_points_are_refused_from_the_text_length_before_parsing(monkeypatch):
+    from p3s_core import points as points_mod
+
+    text = json.dumps([{"x": 1, "y": 1}] * 1_000_000)
+    parsed = []
+    real_loads = points_mod.json.loads
+    monkeypatch.setattr(points_mod.json, "loads", lambda s, *a, **k: parsed.append(1) or real_loads(s, *a, **k))
+    with pytest.raises(PointsError, match=r"characters long \(at most 200,000\)") as ei:
+        points_from_strings(text, "", W, H, 1)
+    assert parsed == [], "the text was parsed before it was refused"
+    assert "at most 100 points per image" in ei.value.fix
+    with pytest.raises(PointsError, match="characters long"):
+        P3SPoints.from_widget_state(text, W, H, 1, input_name="points_store")
+    assert parsed == []
+
+
+def test_too_many_per_image_lists_are_refused():
+    from p3s_core.points import MAX_IMAGES
+
+    many = json.dumps([[{"x": 1, "y": 1}]] * (MAX_IMAGES + 1))
+    with pytest.raises(PointsError, match=rf"points for {MAX_IMAGES + 1} images \(at most {MAX_IMAGES}\)"):
+        points_from_strings(many, "", W, H, MAX_IMAGES + 1)
+    state = {"images": [{"positive": [[1, 1]]}] * (MAX_IMAGES + 1)}
+    with pytest.raises(PointsError, match=rf"points for {MAX_IMAGES + 1} images"):
+        P3SPoints.from_widget_state(state, W, H, MAX_IMAGES + 1, input_name="points_store")

@@ -26,10 +26,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p3s_core import safe_io
 from p3s_core.errors import P3SError, PointsError
 from p3s_core.points import P3SPoints, points_from_strings
 from p3s_core.rngr import inpaint, letterbox, rngr_mask
 from p3s_core.safe_io import atomic_save_safetensors, read_safetensors_header
+from test_rngr_properties import _outcome, counted
 
 REPO = Path(__file__).resolve().parents[2]
 THIS = Path(__file__).resolve()
@@ -175,25 +177,105 @@ def test_no_pickle_and_no_unsafe_torch_load_in_the_project():
     assert found == [], "pickle is never allowed (adapters are safetensors):\n" + "\n".join(found)
 
 
+# =========================================================================== cancel is never swallowed
+
+
+def _swallowing_handlers(source: str) -> list[int]:
+    """Lines of ``except:`` / ``except BaseException`` handlers that do not re-raise.
+
+    ComfyUI's Cancel raises ``InterruptProcessingException``, an ``Exception`` in 0.3.x and a
+    ``BaseException`` in 0.33: a handler of either kind that does not re-raise would swallow it.
+    """
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ExceptHandler):
+            names = []
+            t = node.type
+            for e in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                names.append(getattr(e, "id", getattr(e, "attr", None)) if e is not None else None)
+            if (None in names or "BaseException" in names) and not any(
+                    isinstance(n, ast.Raise) for n in ast.walk(node)):
+                bad.append(node.lineno)
+    return bad
+
+
+def test_no_handler_in_the_pack_swallows_cancel():
+    assert _swallowing_handlers("try:\n    f()\nexcept BaseException:\n    pass\n") == [3]
+    assert _swallowing_handlers("try:\n    f()\nexcept:\n    log()\n") == [3]
+    assert _swallowing_handlers("try:\n    f()\nexcept BaseException:\n    cleanup()\n    raise\n") == []
+    files = sorted((REPO / "p3s_core").glob("*.py")) + sorted((REPO / "nodes").glob("*.py"))
+    assert len(files) > 10
+    found = [f"{p.relative_to(REPO)}:{line}" for p in files for line in _swallowing_handlers(p.read_text())]
+    assert found == []
+
+
+def test_training_code_catches_no_broad_exception_around_the_steps():
+    """In the training loop and the Trainer node no ``except Exception`` may sit around the steps
+    (it would swallow Cancel on 0.3.x); the only ones allowed are the cleanup / preview helpers."""
+    allowed = {"p3s_core/comfy_backend_train.py": {"close", "_preview"}}
+    for rel in ("p3s_core/train.py", "p3s_core/comfy_backend_train.py", "nodes/trainer_nodes.py"):
+        tree = ast.parse((REPO / rel).read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ExceptHandler) and getattr(node.type, "id", None) == "Exception":
+                    assert fn.name in allowed.get(rel, set()), f"{rel}: {fn.name} catches Exception"
+
+
 # =========================================================================== kill during save
 
-N_TENSORS, TENSOR_ELEMS = 48, 1024 * 1024  # 192 MiB of float32: a write takes a visible while
+N_TENSORS, TENSOR_ELEMS = 8, 64 * 1024  # 2 MiB of float32
 
+# The writer saves version 1 completely, then starts saving version 2 through the real
+# atomic_save_safetensors with a file object that, after half of the tensors, flushes, reports how
+# many bytes are on disk and BLOCKS (reads stdin). The kill lands while the writer is provably in
+# the middle of the write: no timing, no polling race.
 WRITER = r"""
+import os
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from p3s_core.safe_io import atomic_save_safetensors
-path, progress, n, elems = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-k = 0
-while True:  # save over the same file again and again until killed
-    k += 1
-    tensors = {f"copy.block{i:02d}.weight": torch.full((elems,), float(k)) for i in range(n)}
-    with open(progress, "a") as fh:
-        fh.write(f"start {k}\n")
-    atomic_save_safetensors(tensors, path, {"p3s_format_version": "1", "version": str(k)})
-    with open(progress, "a") as fh:
-        fh.write(f"done {k}\n")
+from p3s_core import safe_io
+path, n, elems = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+
+def tensors(k):
+    return {f"copy.block{i:02d}.weight": torch.full((elems,), float(k)) for i in range(n)}
+
+
+safe_io.atomic_save_safetensors(tensors(1), path, {"p3s_format_version": "1", "version": "1"})
+print("done 1", flush=True)
+real_fdopen = os.fdopen
+
+
+class Stalling:
+    def __init__(self, fh):
+        self.fh, self.writes = fh, 0
+
+    def write(self, data):
+        out = self.fh.write(data)
+        self.writes += 1
+        if self.writes == 1 + n // 2:  # the header, then half of the tensors
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            print(f"mid {self.fh.tell()}", flush=True)
+            sys.stdin.read()  # blocks until killed
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.fh.__exit__(*exc)
+
+
+safe_io.os.fdopen = lambda fd, mode: Stalling(real_fdopen(fd, mode))
+safe_io.atomic_save_safetensors(tensors(2), path, {"p3s_format_version": "1", "version": "2"})
+print("done 2 (never)", flush=True)
 """
 
 
@@ -201,67 +283,57 @@ def _adapter_like(version: int) -> dict:
     return {f"copy.block{i:02d}.weight": torch.full((TENSOR_ELEMS,), float(version)) for i in range(N_TENSORS)}
 
 
-@pytest.fixture
-def big_files(tmp_path):
-    """tmp_path, emptied afterwards (pytest keeps recent temp folders; these files are 192 MiB)."""
-    yield tmp_path
-    for p in tmp_path.iterdir():
-        p.unlink()
+def _read_line(proc, timeout: float) -> str:
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        proc.kill()
+        pytest.fail(f"the writer did not report within {timeout:.0f} s: {proc.stderr.read().decode()[-2000:]}")
+    return proc.stdout.readline().decode().strip()
 
 
-def test_kill_during_save_keeps_the_previous_file(big_files):
+def test_kill_during_save_keeps_the_previous_file_and_the_next_save_cleans_up(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    tmp_path = big_files
     final = tmp_path / "subject.safetensors"
-    atomic_save_safetensors(_adapter_like(0), final, {"p3s_format_version": "1", "version": "0"})
-    full_size = final.stat().st_size
-    original_bytes_head = final.read_bytes()[:4096]
-    progress = tmp_path / "progress.txt"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(final), str(progress),
-                             str(N_TENSORS), str(TENSOR_ELEMS)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = None
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(final), str(N_TENSORS), str(TENSOR_ELEMS)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and killed_at is None:
-            if proc.poll() is not None:
-                pytest.fail(f"the writer exited early: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-            for tmp in tmp_path.glob(f".{final.name}.*.tmp"):
-                try:
-                    size = tmp.stat().st_size
-                except FileNotFoundError:
-                    continue
-                if 0 < size < full_size * 0.6:  # mid-write: some bytes, far from complete
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed_at = (tmp, size)
-                    break
-            time.sleep(0.0005)
-    finally:
-        if proc.poll() is None and killed_at is None:
-            os.kill(proc.pid, signal.SIGKILL)
+        assert _read_line(proc, 120) == "done 1"
+        full_size = final.stat().st_size
+        before = final.read_bytes()
+        mid = _read_line(proc, 120)
+        assert mid.startswith("mid "), mid
+        on_disk = int(mid.split()[1])
+        temps = list(tmp_path.glob(f".{final.name}.*.tmp"))
+        assert len(temps) == 1 and temps[0].stat().st_size == on_disk  # the writer is blocked mid-write
+        assert 0 < on_disk < full_size
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert killed_at is not None, "never saw a partly written temp file within 90 s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-
-    done = [int(line.split()[1]) for line in progress.read_text().splitlines() if line.startswith("done")]
-    expected = done[-1] if done else 0  # the last complete save (0: the file written above)
-    # the final name holds a complete, valid file: the previous one, untouched
-    assert final.stat().st_size == full_size
+    # the final name holds the complete previous save, byte for byte
+    assert final.read_bytes() == before
     meta, infos = read_safetensors_header(final)  # checks the header, offsets and the total length
-    assert meta["version"] == str(expected) and len(infos) == N_TENSORS
+    assert meta["version"] == "1" and len(infos) == N_TENSORS
     with safe_open(str(final), "pt") as f:
-        assert f.metadata()["version"] == str(expected)
+        assert f.metadata()["version"] == "1"
     loaded = load_file(str(final))
     assert sorted(loaded) == sorted(_adapter_like(0))
-    for t in loaded.values():
-        assert t.shape == (TENSOR_ELEMS,) and float(t.min()) == float(t.max()) == float(expected)
-    if expected == 0:
-        assert final.read_bytes()[:4096] == original_bytes_head
-    # the half-written data only ever lived under the hidden temp name
-    leftovers = list(tmp_path.glob(f".{final.name}.*.tmp"))
-    assert killed_at[0] in leftovers and all(p.name != final.name for p in leftovers)
-    assert {p.name for p in tmp_path.iterdir()} - {final.name, progress.name} == {p.name for p in leftovers}
+    assert all(float(t.min()) == float(t.max()) == 1.0 for t in loaded.values())
+    # the half-written data only ever lived under the hidden temp name ...
+    assert {p.name for p in tmp_path.iterdir()} == {final.name, temps[0].name}
+    # ... which the next save of this file removes once it is stale (a crashed save's left-over)
+    old = time.time() - 2 * safe_io.STALE_TEMP_S
+    os.utime(temps[0], (old, old))
+    atomic_save_safetensors(_adapter_like(3), final, {"p3s_format_version": "1", "version": "3"})
+    assert {p.name for p in tmp_path.iterdir()} == {final.name}
+    assert read_safetensors_header(final)[0]["version"] == "3"
 
 
 # =========================================================================== properties
@@ -292,6 +364,7 @@ def _good_state(draw):
 
 _state = st.one_of(
     _good_state(),
+    _good_state().map(lambda d: dict(d, images=d["images"][:1])),  # one entry: applies to every image
     _good_state().map(lambda d: {"images": d["images"]}),  # no stored size: the actual size
     st.fixed_dictionaries({"images": st.lists(_image_entry, max_size=4), "width": _num, "height": _num}),
     st.fixed_dictionaries({"images": st.one_of(st.lists(_image_entry, max_size=4), _num)}),
@@ -307,6 +380,7 @@ def _dumps(v) -> str:
         return "{"
 
 
+@counted(min_accepted=5, min_refused=20)  # measured (60 examples, file alone): 13 / 47
 @SETTINGS
 @given(state=_state, as_text=st.booleans(), width=st.integers(1, 3000), height=st.integers(1, 3000),
        batch=st.integers(1, 4))
@@ -317,7 +391,9 @@ def test_widget_state_gives_valid_points_or_points_error(state, as_text, width, 
                                           input_name="points_store")
     except PointsError as exc:
         assert "points_store" in str(exc) and "Fix:" in str(exc)
+        _outcome("test_widget_state_gives_valid_points_or_points_error", False)
         return
+    _outcome("test_widget_state_gives_valid_points_or_points_error", True)
     assert len(pts) == batch
     for i in range(batch):
         im = pts.for_image(i)
@@ -326,18 +402,22 @@ def test_widget_state_gives_valid_points_or_points_error(state, as_text, width, 
             assert math.isfinite(x) and math.isfinite(y) and 0 <= x <= width and 0 <= y <= height
 
 
+MIN_ACC_PIPE, MIN_REF_PIPE = 10, 10  # measured (60 examples, file alone): 33 accepted / 27 refused
+
+
 @st.composite
 def _pipeline_case(draw):
     """Image size, and coordinate strings that are mostly inside it (some outside, NaN or garbage)."""
     h, w = draw(st.integers(1, 48)), draw(st.integers(1, 64))
     x = st.one_of(st.floats(0, w), st.integers(0, w), st.floats(-5, w + 5), st.just(float("nan")))
     y = st.one_of(st.floats(0, h), st.integers(0, h), st.floats(-5, h + 5), st.just(float("inf")))
-    good = st.lists(st.fixed_dictionaries({"x": st.floats(0, w), "y": st.floats(0, h)}), max_size=3)
+    good = st.lists(st.fixed_dictionaries({"x": st.floats(0, w), "y": st.floats(0, h)}), min_size=1, max_size=3)
     text = st.one_of(good.map(_dumps), good.map(_dumps),
                      st.lists(st.fixed_dictionaries({"x": x, "y": y}), max_size=3).map(_dumps), st.text(max_size=12))
     return h, w, draw(text), draw(text)
 
 
+@counted(min_accepted=MIN_ACC_PIPE, min_refused=MIN_REF_PIPE)
 @SETTINGS
 @given(case=_pipeline_case(), seed=st.integers(0, 2**31 - 1),
        poison=st.sampled_from(["none", "none", "nan_token", "inf_token", "nan_pixel", "all_equal"]),
@@ -364,7 +444,9 @@ def test_points_to_mask_to_fill_valid_or_typed(case, seed, poison, sigma, grow, 
         out = inpaint(img, res.distractor_mask, fill)
     except P3SError as exc:
         assert "Fix:" in str(exc)
+        _outcome("test_points_to_mask_to_fill_valid_or_typed", False)
         return
+    _outcome("test_points_to_mask_to_fill_valid_or_typed", True)
     assert poison not in ("nan_token", "inf_token", "nan_pixel"), "poisoned input was accepted"
     for m in (res.subject_mask, res.distractor_mask):
         assert m.dtype == bool and m.shape == (h, w)
