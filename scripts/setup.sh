@@ -30,6 +30,9 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$CACHE"
 log() { printf '[p3s-setup] %s\n' "$*" >&2; }
+# One set-up at a time per cache (two test runs started together must not build the same venv twice).
+exec 8>"$CACHE/.setup.lock"
+flock 8
 
 # --- ComfyUI -----------------------------------------------------------------------------------
 if [ -z "$SRC" ]; then
@@ -68,8 +71,13 @@ fi
 COMFY_FOUND_VERSION="$(sed -n 's/^__version__ *= *["'"'"']\([^"'"'"']*\).*/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null | head -n 1)"
 
 # --- venv --------------------------------------------------------------------------------------
-AUDIO=""   # ComfyUI 0.33 imports torchaudio at start-up (comfy/sd.py -> the audio VAE)
-grep -qE '^\s*torchaudio\s*$' "$COMFY/requirements.txt" && AUDIO="torchaudio==$TORCHAUDIO_VERSION"
+# ComfyUI 0.33 imports torchaudio at start-up (comfy/sd.py -> the audio VAE): installed, pinned, for any
+# --comfyui whose requirements list it. The default 0.3.75 only skips its audio nodes without it and keeps
+# the venv it was measured with.
+AUDIO=""
+if [ -n "$SRC" ] && grep -qE '^\s*torchaudio\s*$' "$COMFY/requirements.txt"; then
+  AUDIO="torchaudio==$TORCHAUDIO_VERSION"
+fi
 key="$( (cat "$COMFY/requirements.txt" "$HERE/requirements.txt" "$HERE/requirements-dev.txt"; \
         echo "torch=$TORCH_VERSION tv=$TORCHVISION_VERSION${AUDIO:+ $AUDIO}"; "$PY" --version) | sha256sum | cut -c1-12)"
 VENV="$CACHE/venv-$key"
