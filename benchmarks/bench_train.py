@@ -9,7 +9,9 @@
 
 Memory: CUDA -> ``torch.cuda.max_memory_allocated`` (reset per configuration); CPU -> the process's
 peak resident set (``resource.getrusage`` maxrss, which only grows: run one configuration per
-process for exact CPU numbers). One JSON line per configuration is printed at the end.
+process for exact CPU numbers), with the resident set just before the frozen UNet is made
+(ComfyUI, SD1.5, CLIP ViT-L and the cached inputs) and the MiB of the frozen UNet that are not
+shared with the MODEL's weights. One JSON line per configuration is printed at the end.
 """
 from __future__ import annotations
 
@@ -29,6 +31,26 @@ REPO = Path(__file__).resolve().parent.parent
 def _maxrss_mib() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def _rss_mib() -> float | None:
+    """The current resident set (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _unet_own_mib(unet, model) -> float:
+    """MiB of the frozen UNet's tensors that are not the MODEL's own memory (shared weights: 0)."""
+    src = {t.data_ptr() for t in list(model.model.diffusion_model.parameters())
+           + list(model.model.diffusion_model.buffers())}
+    own = [t for t in list(unet.parameters()) + list(unet.buffers()) if t.data_ptr() not in src]
+    return sum(t.numel() * t.element_size() for t in own) / 2**20
 
 
 def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, train):
@@ -120,8 +142,10 @@ def bench_comfy(args):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+            rss_before = _rss_mib()
             t0 = time.perf_counter()
             unet = tr.frozen_unet_copy(model, device)
+            unet_own = _unet_own_mib(unet, model)
             adapter = tr.new_training_adapter(unet)
             with torch.inference_mode(False):
                 adapter.to(device)
@@ -135,7 +159,9 @@ def bench_comfy(args):
             row = {"mode": "comfy", "device": str(device), "resolution": args.resolution,
                    "gradient_checkpointing": ckpt, "precision": args.precision, "steps": args.steps,
                    "setup_s": round(setup_s, 2), **_summary(rows, 1),
-                   "peak_rss_mib": round(_maxrss_mib(), 1)}
+                   "peak_rss_mib": round(_maxrss_mib(), 1),
+                   "rss_before_frozen_unet_mib": None if rss_before is None else round(rss_before, 1),
+                   "frozen_unet_own_mib": round(unet_own, 1)}
             if device.type == "cuda":
                 row["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             out.append(row)

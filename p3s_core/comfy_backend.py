@@ -10,7 +10,8 @@ ComfyUI APIs this pack relies on, all present in 0.3.75 and 0.33 (look here when
   ``transformer_options`` by a diffusion-model wrapper;
 - the DIFFUSION_MODEL wrapper signature ``fn(executor, x, timesteps, context, y, control,
   transformer_options, **kwargs)`` where ``x`` is the UNet input and ``timesteps`` the 0..999 index;
-- ``comfy.model_patcher.ModelPatcher`` and ``comfy.model_management`` to load the adapter;
+- ``comfy.model_patcher.ModelPatcher`` / ``CoreModelPatcher`` (0.33: ``ModelPatcherDynamic`` under
+  Dynamic VRAM) and ``comfy.model_management`` to load the adapter;
 - ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``.
 """
 from __future__ import annotations
@@ -116,17 +117,33 @@ def encode_reference(model, vae, clip_vision, images: torch.Tensor):
 
 
 # --- the patch -----------------------------------------------------------------------------------
-def adapter_patcher(adapter):
-    """One ModelPatcher per adapter object, so every injector using it shares ComfyUI's bookkeeping
-    (a patcher per injector would leave ComfyUI tracking dead patchers of a live module)."""
-    patcher = getattr(adapter, "_p3s_patcher", None)
-    if patcher is None:
-        import comfy.model_management as mm
-        import comfy.model_patcher
+def adapter_patcher_class():
+    """The patcher class ComfyUI uses for its own auxiliary models (ControlNet, upscalers, model
+    patches): ``comfy.model_patcher.CoreModelPatcher``, which ComfyUI 0.33 points at
+    ``ModelPatcherDynamic`` when Dynamic VRAM is on (NVIDIA, no ``--disable-dynamic-vram``) and
+    which is the plain ``ModelPatcher`` otherwise (0.3.75 has no ``CoreModelPatcher``). A plain
+    patcher in the same ``load_models_gpu`` list as a dynamic UNet would make 0.33 take its
+    non-dynamic memory path (``free_memory(for_dynamic=False)``: other dynamic models unloaded,
+    pinned-memory budget enforced) on every sampling run."""
+    import comfy.model_patcher as cmp
 
-        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-        object.__setattr__(adapter, "_p3s_patcher", patcher)
+    return getattr(cmp, "CoreModelPatcher", cmp.ModelPatcher)
+
+
+def adapter_patcher(adapter):
+    """One patcher per adapter object (of :func:`adapter_patcher_class`), so every injector using it
+    shares ComfyUI's bookkeeping (a patcher per injector would leave ComfyUI tracking dead patchers
+    of a live module). ``ModelPatcherDynamic`` itself falls back to the plain patcher for a CPU load
+    device. The adapter is plain torch layers: a dynamic load moves its weights whole (the
+    non-``comfy_cast_weights`` branch of ``ModelPatcherDynamic.load``), a lowvram load of the plain
+    patcher loads them whole too, so the copy never runs with weights on another device."""
+    cls = adapter_patcher_class()
+    made_by, patcher = getattr(adapter, "_p3s_patcher", (None, None))
+    if patcher is None or made_by is not cls:
+        import comfy.model_management as mm
+
+        patcher = cls(adapter, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        object.__setattr__(adapter, "_p3s_patcher", (cls, patcher))
     return patcher
 
 

@@ -3,8 +3,15 @@
 Imports ComfyUI lazily (inside functions), like :mod:`p3s_core.comfy_backend`. ComfyUI APIs used
 here, besides those listed there:
 
-- ``comfy.model_management``: ``load_models_gpu``, ``get_torch_device``, ``unet_offload_device``,
-  ``throw_exception_if_processing_interrupted``, ``soft_empty_cache``;
+- ``comfy.model_management``: ``get_torch_device``, ``unet_offload_device``, ``unload_all_models``,
+  ``throw_exception_if_processing_interrupted``, ``soft_empty_cache``, ``cast_to_device``,
+  ``lora_compute_dtype`` (0.33 only; float32 otherwise);
+- weight patches (:func:`patched_weight`): ``ModelPatcher.patches`` / ``.backup`` /
+  ``.weight_wrapper_patches`` / ``.is_dynamic()`` (0.33), ``comfy.model_patcher.get_key_weight``,
+  ``comfy.lora.calculate_weight(patches, weight, key, intermediate_dtype=...)``,
+  ``comfy.float.stochastic_rounding``, ``string_to_seed`` (``comfy.utils`` in 0.33,
+  ``comfy.model_patcher`` in 0.3.75); ``model.model.model_config.unet_config`` and
+  ``model.model.manual_cast_dtype`` to rebuild the UNet (``UNetModel(**config, device, operations)``);
 - ``ModelPatcher.set_model_attn2_replace(fn, block_name, number)`` with
   ``fn(q, k, v, extra_options) -> out`` (q/k/v already projected, ``extra_options["n_heads"]``),
   ``ModelPatcher.wrappers`` (merged into ``transformer_options["wrappers"]`` as the samplers do);
@@ -30,10 +37,15 @@ How one training step runs (:func:`build_step_fn`):
 Decisions:
 
 * Gradients must flow through the frozen UNet into the copy's features, but ComfyUI creates the
-  UNet weights under ``torch.inference_mode()`` (inference tensors cannot be saved for backward).
-  The trainer therefore deep-copies the (LoRA-patched, loaded) diffusion model once, outside
-  inference mode, with ``requires_grad`` off; it is freed when training ends. This costs one more
-  UNet in memory (about 1.7 GB in fp16, 3.4 GB in fp32).
+  UNet weights under ``torch.inference_mode()`` (inference tensors cannot be saved for backward),
+  and on ComfyUI 0.33 with Dynamic VRAM (``ModelPatcherDynamic``) the loaded module tree carries
+  pinned host buffers / virtual allocations and applies LoRAs only at cast time. The trainer
+  therefore never deep-copies the MODEL: :func:`frozen_unet_copy` builds a fresh ``UNetModel`` of
+  the same config from plain torch layers and gives it the weights as the graph patched them,
+  computed per key with ComfyUI's own patch arithmetic (:func:`patched_weight`), in the model's
+  own dtype. Unpatched weights on the training device are shared with the MODEL (no copy), so on
+  the CPU training needs no second UNet; on a GPU the copy is the only UNet in VRAM (ComfyUI's
+  loaded models are unloaded first).
 * The original map ``M_o`` is detached: the frozen UNet is the anchor the copy's attention is pulled
   to ("the frozen and slower-changing source model"); ``detach_original=False`` lets gradients
   reach the copy through ``M_o`` too.
@@ -41,13 +53,13 @@ Decisions:
   is compared with the copy's cross-attention map of the level with the same resolution (LAYER_MAP),
   and the 16 losses are averaged.
 * On CUDA the step runs under ``torch.autocast`` in bfloat16 where supported (no autocast
-  otherwise); ``gradient_checkpointing`` recomputes the frozen UNet's blocks in the backward pass.
-  Neither is exercised on this project's CPU test machines.
+  otherwise; not exercised on this project's CPU test machines). ``gradient_checkpointing``
+  recomputes the frozen UNet's blocks in the backward pass; by default (None) it is on where it
+  pays (:func:`checkpointing_pays`: on GPUs, and on the CPU from 256^2).
 """
 from __future__ import annotations
 
 import contextlib
-import copy as _copy
 import functools
 import gc
 import logging
@@ -155,26 +167,177 @@ def check_eps_prediction(model) -> None:
             "train on an eps-prediction SD1.5 checkpoint (the standard SD1.5 and its fine-tunes)")
 
 
-def frozen_unet_copy(model, device=None):
-    """A deep copy of the loaded (weight-patched) diffusion model made outside inference mode:
-    normal tensors that autograd can save, ``requires_grad`` off, eval mode, on ``device``."""
+class _TorchOps:
+    """Plain ``torch.nn`` layers in the shape of ComfyUI's ``operations`` namespace (``comfy.ops``):
+    the trainer's frozen UNet is built from them so that it carries none of ComfyUI's casting
+    machinery (lowvram weight functions, Dynamic VRAM's pinned host buffers and virtual
+    allocations). On equal weights and dtypes their forward is the one ComfyUI's ops run."""
+
+    Linear = torch.nn.Linear
+    Conv1d = torch.nn.Conv1d
+    Conv2d = torch.nn.Conv2d
+    Conv3d = torch.nn.Conv3d
+    GroupNorm = torch.nn.GroupNorm
+    LayerNorm = torch.nn.LayerNorm
+    ConvTranspose1d = torch.nn.ConvTranspose1d
+    ConvTranspose2d = torch.nn.ConvTranspose2d
+    Embedding = torch.nn.Embedding
+
+    @classmethod
+    def conv_nd(cls, dims, *args, **kwargs):
+        if dims == 2:
+            return cls.Conv2d(*args, **kwargs)
+        if dims == 3:
+            return cls.Conv3d(*args, **kwargs)
+        raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor sharing ``t``'s memory: no copy. ComfyUI creates its
+    weights under ``torch.inference_mode()``, and autograd may not save inference tensors; an alias
+    made outside inference mode can be saved (the weights are only read, never written)."""
+    if not t.is_inference():
+        return t.detach()
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+            t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+def _string_seed(key: str) -> int:
+    import comfy.utils
+
+    fn = getattr(comfy.utils, "string_to_seed", None)  # 0.33; 0.3.75 has it in comfy.model_patcher
+    if fn is None:
+        import comfy.model_patcher
+
+        fn = comfy.model_patcher.string_to_seed
+    return fn(key)
+
+
+def original_weight(patcher, key: str) -> torch.Tensor:
+    """The un-patched weight of ``key`` ("diffusion_model.<name>") whatever ComfyUI's load state:
+    the patcher's backup when a load replaced it (non-dynamic loads write LoRAs into the weights
+    and keep the original there; clones share the backup), else the module's current tensor
+    (unloaded, lowvram / Dynamic VRAM loads that patch at cast time, or a weight no patch touches)."""
+    import comfy.model_patcher as cmp
+
+    backup = getattr(patcher, "backup", {}).get(key)
+    if backup is not None:
+        return backup.weight
+    weight, _set_func, _convert_func = cmp.get_key_weight(patcher.model, key)
+    return weight
+
+
+def patched_weight(patcher, key: str, device, dtype: torch.dtype, dynamic: bool | None = None):
+    """The weight of ``key`` as ComfyUI computes it for this patcher (its LoRA / weight patches and
+    weight wrappers), on ``device`` in ``dtype``; an alias of the stored weight (no copy) when
+    nothing patches it and device and dtype already match.
+
+    The patch arithmetic is ComfyUI's own (``comfy.lora.calculate_weight``), in the order its two
+    paths use: a non-dynamic load (``ModelPatcher.patch_weight_to_device``) computes in
+    ``lora_compute_dtype`` (float32 on 0.3.75) and rounds stochastically to the stored dtype, seeded
+    by the key; Dynamic VRAM (``ModelPatcherDynamic``, 0.33 on NVIDIA) applies the patch at cast
+    time in the compute dtype (``LowVramPatch``). ``dynamic=None`` follows ``patcher.is_dynamic()``.
+    """
+    import comfy.float
+    import comfy.lora
+    import comfy.model_management as mm
+    import comfy.model_patcher as cmp
+
+    base = original_weight(patcher, key)
+    _w, set_func, convert_func = cmp.get_key_weight(patcher.model, key)
+    patches = patcher.patches.get(key)
+    wrappers = getattr(patcher, "weight_wrapper_patches", {}).get(key, [])
+    if dynamic is None:
+        dynamic = bool(getattr(patcher, "is_dynamic", lambda: False)())
+    device = torch.device(device)
+    with torch.inference_mode(False), torch.no_grad():
+        if not patches:
+            if base.device == device and base.dtype == dtype:
+                w = _alias(base)
+            else:
+                w = base.to(device=device, dtype=dtype, copy=True)
+        elif dynamic:  # ModelPatcherDynamic: cast to the compute dtype, then patch (LowVramPatch)
+            w = base.to(device=device, dtype=dtype, copy=True)
+            if convert_func is not None:
+                w = convert_func(w, inplace=False)
+            w = comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=dtype)
+            if set_func is not None:
+                w = set_func(w, seed=_string_seed(key), return_weight=True)
+        else:  # ModelPatcher.patch_weight_to_device
+            inter = getattr(mm, "lora_compute_dtype", None)
+            inter = inter(device) if inter is not None else torch.float32
+            w = mm.cast_to_device(base, device, inter, copy=True)
+            if convert_func is not None:
+                w = convert_func(w, inplace=True)
+            w = comfy.lora.calculate_weight(patches, w, key)
+            if set_func is not None:
+                w = set_func(w, seed=_string_seed(key), return_weight=True)
+            else:
+                w = comfy.float.stochastic_rounding(w, base.dtype, seed=_string_seed(key))
+        for fn in wrappers:  # ComfyUI's ops run these after the patches, at cast time
+            w = fn(w)
+        return w.to(device=device, dtype=dtype)
+
+
+def frozen_unet_dtype(model) -> torch.dtype:
+    """The dtype the frozen UNet computes in: the model's own (its stored weight dtype), or
+    ComfyUI's ``manual_cast_dtype`` when the stored one is only for storage (fp8, or fp16/bf16 on a
+    device that computes in another dtype)."""
+    cast = getattr(model.model, "manual_cast_dtype", None)
+    if cast is not None:
+        return cast
+    dm = model.model.diffusion_model
+    for p in dm.parameters():
+        if p is not None and p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+def frozen_unet_copy(model, device=None, dtype: torch.dtype | None = None):
+    """The frozen, differentiable base UNet for training: a fresh ``UNetModel`` of the model's own
+    config, built from plain ``torch.nn`` layers, whose weights are the MODEL's weights as the
+    user's graph patched them (LoRA loaders etc., :func:`patched_weight`), in the model's own dtype
+    (:func:`frozen_unet_dtype`), on ``device``. ``requires_grad`` off, eval mode.
+
+    Nothing is deep-copied: not the ComfyUI module tree (which under Dynamic VRAM carries pinned
+    host buffers, virtual allocations and cast-time LoRA patches), and not the weights: an
+    unpatched weight already on ``device`` in that dtype is shared with the MODEL (an alias made
+    outside inference mode, see :func:`_alias`); only the patched ones are new tensors. The MODEL is
+    not loaded or modified by this function."""
     import comfy.model_management as mm
 
-    mm.load_models_gpu([model], force_full_load=True)  # applies weight patches (LoRAs) in place
+    device = torch.device(device) if device is not None else mm.get_torch_device()
+    dtype = dtype or frozen_unet_dtype(model)
     src = model.model.diffusion_model
-    with torch.inference_mode(False), torch.no_grad():
-        unet = _copy.deepcopy(src)
-        for mod in unet.modules():
-            for name, p in list(mod.named_parameters(recurse=False)):
-                if p.is_inference():
-                    setattr(mod, name, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
-            for name, b in list(mod.named_buffers(recurse=False)):
-                if b is not None and b.is_inference():
-                    mod._buffers[name] = b.clone()
-        if device is not None:
-            unet.to(device)
+    cfg = dict(model.model.model_config.unet_config)
+    cfg["dtype"] = dtype
+    prefix = "diffusion_model."
+    with torch.inference_mode(False):
+        try:
+            unet = type(src)(**cfg, device="meta", operations=_TorchOps)
+        except Exception as exc:  # pragma: no cover - SD1.5 configs always build (check_sd15)
+            raise ModelMismatchError("model", f"the UNet could not be rebuilt from its config ({exc})",
+                                     "train on an SD1.5 checkpoint loaded with Load Checkpoint") from exc
+        sd = {n: patched_weight(model, prefix + n, device, dtype) for n in unet.state_dict()}
+        unet.load_state_dict(sd, strict=True, assign=True)
+        for name, buf in list(unet.named_buffers()):  # non-persistent buffers: the MODEL's values
+            if buf.is_meta:
+                owner, _, attr = name.rpartition(".")
+                src_buf = src.get_buffer(name)
+                to = dtype if src_buf.is_floating_point() else src_buf.dtype
+                unet.get_submodule(owner)._buffers[attr] = src_buf.to(device, to, copy=True)
         unet.requires_grad_(False).eval()
     return unet
+
+
+def checkpointing_pays(device, resolution: int) -> bool:
+    """Whether gradient checkpointing of the frozen UNet is worth its recompute: on accelerators,
+    whose memory is the limit (issue 14's 512^2 goal is <= 10 GB), always; on the CPU from 256^2
+    (measured with benchmarks/bench_train.py, random SD1.5: peak RSS 9173 -> 8491 MiB at 256^2, no
+    slower step in that run; at 64^2 the weights dominate the peak)."""
+    device = torch.device(device)
+    return device.type != "cpu" or int(resolution) >= 256
 
 
 def _checkpointed(fn, *args, **kwargs):
@@ -418,7 +581,7 @@ def new_training_adapter(unet, resume=None, seed: int = 0):
 
 
 def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: TrainSettings,
-                 save_path, masks=None, resume=None, gradient_checkpointing: bool = False,
+                 save_path, masks=None, resume=None, gradient_checkpointing: bool | None = None,
                  precision: str = "auto", log_every: int = 0):
     """Cache inputs, train (:func:`p3s_core.train.train_adapter`) and save atomically to
     ``save_path`` every ``settings.save_every`` steps and at the end.
@@ -427,6 +590,7 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
     ``throw_exception_if_processing_interrupted()`` before every step and after it (before any
     save), so a cancelled run writes nothing more and the last completed save stays. Returns
     ``(adapter, TrainResult, start_step)``; the adapter is in eval mode on the offload device.
+    ``gradient_checkpointing=None`` turns it on where it pays (:func:`checkpointing_pays`).
     """
     import comfy.model_management as mm
     import comfy.utils
@@ -443,10 +607,12 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         mm.throw_exception_if_processing_interrupted()
         batches = cache_inputs(model, clip, vae, clip_vision, images, prompt, masks,
                                settings.resolution)
-        unet = frozen_unet_copy(model, device)
-        if device.type == "cuda":  # the copy replaces the loaded UNet for the whole run
+        if device.type != "cpu":  # the frozen copy replaces ComfyUI's loaded models for the run
             mm.unload_all_models()
             mm.soft_empty_cache()
+        unet = frozen_unet_copy(model, device)
+        if gradient_checkpointing is None:
+            gradient_checkpointing = checkpointing_pays(device, settings.resolution)
         adapter = new_training_adapter(unet, resume, settings.seed)
         _warn_if_other_base(adapter, unet)
         with torch.inference_mode(False):

@@ -1,0 +1,133 @@
+"""Dynamic VRAM (ComfyUI 0.33 on NVIDIA, issue 11.3) and offloaded loads, tested on the CPU against
+the real ComfyUI classes.
+
+On the CPU ``ModelPatcherDynamic`` falls back to the plain ``ModelPatcher`` and comfy-aimdo has no
+native library, so a dynamic load cannot run here. What can: the adapter's patcher is made with
+the class ComfyUI uses for its own auxiliary models (``CoreModelPatcher``, which 0.33's main.py
+points at ``ModelPatcherDynamic`` when Dynamic VRAM is on) so it never pushes a dynamic UNet's load
+list onto the non-dynamic path; and P3S sampling keeps working when ComfyUI offloads the UNet
+(a lowvram load that casts weights and applies LoRAs per layer, as Dynamic VRAM does).
+``scripts/gpu_check.sh`` runs the CUDA side (with and without ``--disable-dynamic-vram``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_adapter_patcher_uses_comfyuis_core_patcher_class(comfy):
+    """The adapter's patcher class is ComfyUI's CoreModelPatcher (0.3.75: the plain ModelPatcher);
+    with Dynamic VRAM switched on the way 0.33's main.py does it, it is ModelPatcherDynamic, whose
+    CPU fallback gives a plain patcher that stays the adapter's one patcher across calls."""
+    import comfy.model_management as mm
+    import comfy.model_patcher as cmp
+
+    backend = comfy.core("comfy_backend")
+    core = getattr(cmp, "CoreModelPatcher", cmp.ModelPatcher)
+    assert backend.adapter_patcher_class() is core
+    adapter = torch.nn.Linear(4, 4)
+    p = backend.adapter_patcher(adapter)
+    assert type(p) is core and p is backend.adapter_patcher(adapter)
+    assert p.load_device == mm.get_torch_device()
+
+    dynamic = getattr(cmp, "ModelPatcherDynamic", None)
+    if dynamic is None:  # ComfyUI 0.3.75: no Dynamic VRAM, the plain patcher as before
+        assert core is cmp.ModelPatcher
+        return
+    saved = cmp.CoreModelPatcher
+    cmp.CoreModelPatcher = dynamic  # what main.py does when comfy-aimdo initialises
+    try:
+        assert backend.adapter_patcher_class() is dynamic
+        other = torch.nn.Linear(4, 4)
+        q = backend.adapter_patcher(other)
+        base = dynamic(torch.nn.Linear(4, 4), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        # CPU load device: ModelPatcherDynamic reroutes to the plain patcher, for us as for the UNet
+        assert type(q) is type(base) is cmp.ModelPatcher
+        assert q.is_dynamic() == base.is_dynamic() is False
+        assert backend.adapter_patcher(other) is q  # cached: one patcher per adapter
+        # the patcher made before the switch is replaced, not reused with the wrong class
+        assert backend.adapter_patcher(adapter) is not p
+    finally:
+        cmp.CoreModelPatcher = saved
+    assert backend.adapter_patcher(adapter) is not None
+
+
+@pytest.fixture(scope="module")
+def active_adapter(comfy, sd15):
+    adapter_mod = comfy.core("adapter")
+    copy_mod = comfy.core("copy_unet")
+    backend = comfy.core("comfy_backend")
+    with torch.inference_mode(False):
+        sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
+        adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for conv in adapter.copy.zero_convs.values():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    return adapter.eval().requires_grad_(False)
+
+
+def test_injector_joins_the_load_list_with_the_unets_patcher_class(comfy, sd15, active_adapter):
+    """The injected MODEL brings the adapter into ComfyUI's load list (additional models and the
+    patch's models()) as a patcher of the UNet's own patcher family, so 0.33's load_models_gpu keeps
+    its dynamic path whenever the UNet is dynamic."""
+    backend = comfy.core("comfy_backend")
+    patched, patch = backend.apply_injector(sd15.model, active_adapter, None, None)
+    extra = patched.get_additional_models()
+    mine = backend.adapter_patcher(active_adapter)
+    assert any(m is mine for m in extra)
+    assert any(m is mine for m in patched.model_patches_models())
+    assert type(mine) is type(sd15.model)  # same family as the UNet's patcher (CoreModelPatcher)
+
+    def dynamic(m):
+        return bool(getattr(m, "is_dynamic", lambda: False)())
+
+    assert all(dynamic(m) == dynamic(patched) for m in patched.model_patches_models())
+
+
+def _apply(model, x, sigma, ctx, patched=None):
+    opts = {}
+    if patched is not None:
+        opts = dict(patched.model_options["transformer_options"])
+        opts["wrappers"] = patched.wrappers
+    opts.update(cond_or_uncond=[0], sigmas=sigma)
+    with torch.inference_mode():
+        return model.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=opts).clone()
+
+
+def test_p3s_sampling_step_is_unchanged_when_comfyui_offloads(comfy, sd15, active_adapter):
+    """ComfyUI's sampling forward (apply_model with the injector's wrapper and attn1 patch) gives
+    the same prediction with the UNet and the adapter fully loaded and with both loaded lowvram
+    (weights cast per layer at run time, as when ComfyUI offloads), and P3S still acts there."""
+    import comfy.model_management as mm
+
+    backend = comfy.core("comfy_backend")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    sigma = torch.tensor([3.0])
+    with torch.inference_mode(False), torch.no_grad():
+        i2 = active_adapter.encode_reference(torch.randn(1, 4, 8, 8, generator=g),
+                                             torch.randn(1, 257, 1024, generator=g))
+    patched, _patch = backend.apply_injector(sd15.model, active_adapter, i2, None, strength=1.0)
+    cpu = torch.device("cpu")
+
+    mm.load_models_gpu([patched], force_full_load=True)
+    full = _apply(patched, x, sigma, ctx, patched)
+    plain = _apply(sd15.model, x, sigma, ctx)
+    mm.unload_all_models()
+
+    aux = backend.adapter_patcher(active_adapter)
+    with torch.inference_mode():
+        patched.patch_model(device_to=cpu, lowvram_model_memory=1, load_weights=True)
+        aux.patch_model(device_to=cpu, lowvram_model_memory=1, load_weights=True)
+    try:
+        layer = patched.model.diffusion_model.get_submodule("input_blocks.1.1.transformer_blocks.0.attn1.to_q")
+        assert layer.comfy_cast_weights  # really the per-layer cast (offloaded) path
+        low = _apply(patched, x, sigma, ctx, patched)
+    finally:
+        with torch.inference_mode():
+            patched.unpatch_model(cpu)
+            aux.unpatch_model(cpu)
+    assert torch.allclose(low, full, atol=1e-5, rtol=1e-5), float((low - full).abs().max())
+    assert float((full - plain).abs().max()) > 1e-3  # P3S acts in both
