@@ -426,3 +426,57 @@ def test_trained_adapter_samples_closer_to_the_subject():
     after, after_other = distances(trained)
     assert after < 0.5 * before, (before, after)
     assert after < 0.5 * after_other, (after, after_other)
+
+
+# --- issue 12: training-reference pairing and the two loss parts --------------------------------------
+def test_reference_pairing_other_photo_gives_another_photo_flipped_at_random():
+    got = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator, **kw):
+        got.append((x0, clip_hidden, kw))
+        return (adapter.w ** 2).sum(), torch.zeros(())
+
+    batches = _batches(3)
+    train_adapter(_Counter(), batches, step_fn, TrainSettings(epochs=8, reference_pairing="other photo", seed=2))
+    flips = 0
+    for x0, hid, kw in got:
+        target = next(i for i, b in enumerate(batches) if b.latent is x0)
+        other = next(i for i, b in enumerate(batches) if b.clip_hidden is kw["ref_clip_hidden"])
+        assert other != target  # never the photo itself
+        lat = batches[other].latent
+        flipped = torch.equal(kw["ref_latent"], torch.flip(lat, dims=(-1,)))
+        assert flipped or kw["ref_latent"] is lat
+        flips += int(flipped)
+    assert len(got) == 24 and 4 <= flips <= 20  # a random flip, not always nor never
+    got.clear()
+    # default (the paper): the photo is its own reference -- step_fn gets no other reference
+    train_adapter(_Counter(), batches, step_fn, TrainSettings(epochs=1))
+    assert all("ref_latent" not in kw for _, _, kw in got)
+    got.clear()
+    # one photo: nothing else to pair with, so the photo itself
+    train_adapter(_Counter(), batches[:1], step_fn, TrainSettings(epochs=2, reference_pairing="other photo"))
+    assert all("ref_latent" not in kw for _, _, kw in got)
+    with pytest.raises(TrainingConfigError, match="reference_pairing"):
+        TrainSettings(reference_pairing="random").validate()
+    with pytest.raises(TrainingConfigError, match="ac_reading"):
+        TrainSettings(ac_reading="paper").validate()
+
+
+def test_loss_parts_are_reported_separately():
+    parts = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator, **kw):
+        return (adapter.w ** 2).sum(), torch.tensor(0.5)
+
+    res = train_adapter(_Counter(), _batches(2), step_fn, TrainSettings(epochs=2, gamma=0.1),
+                        on_parts=lambda a, b: parts.append((a, b)))
+    assert len(parts) == 4
+    for (ldm, gac), total, l, ac in zip(parts, res.losses, res.ldm_losses, res.ac_losses):
+        assert gac == pytest.approx(0.05) and ac == pytest.approx(0.5) and ldm == l
+        assert total == pytest.approx(ldm + gac)
+    assert res.weighted_ac_losses == pytest.approx([0.05] * 4)
+    img = plot_losses(res.losses, 320, 160, parts=(("L_LDM", res.ldm_losses), ("gamma*L_ac", res.weighted_ac_losses)))
+    plain = plot_losses(res.losses, 320, 160)
+    assert img.shape == plain.shape and not np.array_equal(img, plain)
+    green = (img[..., 1].astype(int) - img[..., 0].astype(int) > 60) & (img[..., 1] > 150)
+    assert green.sum() > 20  # the L_LDM curve / label is drawn
