@@ -480,3 +480,44 @@ def test_loss_parts_are_reported_separately():
     assert img.shape == plain.shape and not np.array_equal(img, plain)
     green = (img[..., 1].astype(int) - img[..., 0].astype(int) > 60) & (img[..., 1] > 150)
     assert green.sum() > 20  # the L_LDM curve / label is drawn
+
+
+def _ac_share(reading):
+    """Share of gamma*L_ac in the gradient (L2 norm) of the parameters that produce M_c, one step of
+    the tiny stand-in with an adapter whose zero convs already act (mid-training)."""
+    base, adapter = TinyBase(), _adapter()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for conv in adapter.copy.zero_convs.values():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    b = _batches(1)[0]
+    params = list(adapter.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    t = torch.randint(0, 1000, (1,), generator=g)
+    noise = torch.randn(b.latent.shape, generator=g)
+    ab = torch.cos((t.float() / 1000) * math.pi / 2) ** 2 * 0.99 + 0.005
+    xt = ab.sqrt() * b.latent + (1 - ab).sqrt() * noise
+    out = adapter.copy(xt, t.float(), b.context, adapter.encode_reference(b.latent, b.clip_hidden),
+                       return_attn_map=True)
+    f = out["input_1"].transpose(1, 2).reshape(1, -1, HW, HW)
+    l_ldm = masked_ldm_loss(noise, base.conv(xt) + base.proj(f), None)
+    l_ac = attention_consistency_loss(out[ATTN_MAP_KEY], base.m_o, reading=reading)
+    g_ac = torch.autograd.grad(0.1 * l_ac, params, retain_graph=True, allow_unused=True)
+    g_ldm = torch.autograd.grad(l_ldm, params, allow_unused=True)
+    idx = [i for i, gr in enumerate(g_ac) if gr is not None and float(gr.abs().max()) > 0]
+    n_ac = math.sqrt(sum(float((g_ac[i] ** 2).sum()) for i in idx))
+    n_ldm = math.sqrt(sum(float((g_ldm[i] ** 2).sum()) for i in idx if g_ldm[i] is not None))
+    return n_ac / (n_ac + n_ldm), float(l_ldm), float(0.1 * l_ac)
+
+
+def test_l_ac_gradient_share_default_vs_literal():
+    """Issue 12: by default L_ac is a clear part of the update of the parameters producing M_c; the
+    literal Eq. 11-12 is 1/(Nq*Nk) of it (here 64 queries x 6 tokens; 4096 x 77 at 512^2)."""
+    mass, ldm, gac = _ac_share("mass")
+    literal, ldm2, gac2 = _ac_share("literal")
+    print(f"\nL_ac gradient share: default 'mass' {mass:.3f} (L_LDM {ldm:.3f}, gamma*L_ac {gac:.3g}); "
+          f"literal {literal:.2e} (gamma*L_ac {gac2:.3g})")
+    assert ldm == ldm2 and gac2 == pytest.approx(gac / (HW * HW * TOKENS), rel=1e-4)
+    assert mass > 0.01                      # measured 0.016: a clear part of the update
+    assert literal < mass / 300             # 1/(Nq*Nk) = 1/384 of it here, 1/315392 at 512^2
