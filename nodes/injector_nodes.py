@@ -1,15 +1,17 @@
 """P3S Condition Injector node (paper Eq. 4-10): patch a MODEL with an adapter and a reference."""
 from __future__ import annotations
 
-from .common import ADAPTER, CATEGORY, SCHEDULE, check_choice, check_image_batch, check_number
+from .common import ADAPTER, CATEGORY, SCHEDULE, check_choice, check_image_batch, check_int, check_number
 
 APPLY_TO = ["cond and uncond", "cond only"]
+REFERENCE_MODES = ["one reference", "average copy features"]  # = p3s_core.encoder.REFERENCE_MODES
 
 
 class P3SConditionInjector:
     DESCRIPTION = (
         "Patches the MODEL with a P3S adapter: each sampling step the adapter's trainable copy runs once "
-        "on x_t plus the encoded reference (Eq. 4-6) and its features are added to all 16 self-attention "
+        "on x_t plus the encoded reference (Eq. 4-6; by default the cleaned photo stored in the adapter, one "
+        "reference per generation, fitted to the image's aspect ratio without stretching) and its features are added to all 16 self-attention "
         "layers of the original UNet (Eq. 7-8), weighted by the schedule (Eq. 9-10). Connect the patched "
         "MODEL to any sampler; ControlNet conditioning works beside it. The input MODEL is not changed."
     )
@@ -23,44 +25,72 @@ class P3SConditionInjector:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "An SD1.5 MODEL (any SD1.5 checkpoint or fine-tune)."}),
-                "adapter": (ADAPTER, {"tooltip": "The P3S adapter: from P3S Adapter Loader or P3S Trainer."}),
-                "reference": ("IMAGE", {"tooltip": "The cleaned reference photo(s) I' (P3S RNGR Mask + Inpaint). Several images are averaged."}),
-                "vae": ("VAE", {"tooltip": "The VAE of the checkpoint, to encode the reference (I'_latent, Eq. 4)."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 vision (clip-vit-large-patch14): its last hidden state is c_s of Eq. 5."}),
+                "adapter": (ADAPTER, {"tooltip": "The P3S adapter: from P3S Adapter Loader or P3S Trainer. It carries the cleaned reference(s) it was trained on."}),
                 "lam": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 2.0, "step": 0.01, "tooltip": "lambda of Eq. 7: how much of the subject feature is added to the values (paper: 0.2)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.01, "tooltip": "Overall weight. 0 = the plain model, bit for bit."}),
                 "apply_to": (APPLY_TO, {"default": "cond and uncond", "tooltip": "Which half of the CFG batch receives the subject. 'cond only' strengthens the subject through CFG."}),
             },
             "optional": {
                 "schedule": (SCHEDULE, {"tooltip": "Weight over the steps (P3S Timestep Weight Scheduler). Without it: the paper's Eq. 10 curve."}),
+                "reference": ("IMAGE", {"tooltip": "Optional: cleaned reference photo(s) I' (P3S RNGR Mask + Inpaint) to use instead of the ones stored in the adapter. Needs vae and clip_vision."}),
+                "vae": ("VAE", {"tooltip": "Only with 'reference': the checkpoint's VAE, to encode it (I'_latent, Eq. 4)."}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "Only with 'reference': CLIP ViT-L/14 vision (clip-vit-large-patch14); its last hidden state is c_s of Eq. 5."}),
+                "reference_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which reference feeds the copy (0 = the first), as in training, where each photo was its own reference. Several references are never averaged into one latent."}),
+                "reference_mode": (list(REFERENCE_MODES), {"default": REFERENCE_MODES[0], "tooltip": "'one reference': the reference at reference_index. 'average copy features': the copy runs once per reference and its features are averaged (N times the copy's cost per step)."}),
             },
         }
 
-    def inject(self, model, adapter, reference, vae, clip_vision, lam, strength, apply_to, schedule=None):
+    def inject(self, model, adapter, reference=None, vae=None, clip_vision=None, lam=0.2, strength=1.0,
+               apply_to="cond and uncond", schedule=None, reference_index=0, reference_mode=REFERENCE_MODES[0]):
         import torch
 
         from ..p3s_core import comfy_backend as backend
-        from ..p3s_core.errors import ScheduleError
+        from ..p3s_core.encoder import check_reference_index
+        from ..p3s_core.errors import ImageInputError, ModelMismatchError, ScheduleError
         from ..p3s_core.schedule import P3SSchedule
         from .adapter_nodes import check_adapter
 
         # --- every input is checked before the VAE / CLIP run -----------------------------------
         backend.check_sd15(model)
         check_adapter(adapter, "adapter")
-        check_image_batch(reference, "reference")
-        backend.check_vae_sd15(vae)
-        backend.check_clip_vit_l(clip_vision)
+        if reference is not None:
+            check_image_batch(reference, "reference")
+            if vae is None:
+                raise ModelMismatchError("vae", "a reference photo is connected but no VAE to encode it",
+                                         "connect the checkpoint's VAE (or disconnect 'reference' to use the adapter's stored one)")
+            if clip_vision is None:
+                raise ModelMismatchError("clip_vision", "a reference photo is connected but no CLIP vision model",
+                                         "connect a Load CLIP Vision node with clip-vit-large-patch14 (or disconnect 'reference')")
+            backend.check_vae_sd15(vae)
+            backend.check_clip_vit_l(clip_vision)
+            count = int(reference.shape[0])
+        else:
+            stored = getattr(adapter, "reference", None)
+            if stored is None:
+                raise ImageInputError(
+                    "reference", "this adapter file stores no reference (it was saved before adapters carried "
+                    "their cleaned photos)", "connect the cleaned reference photo with vae and clip_vision, "
+                    "or re-train the adapter with this version of the P3S Trainer")
+            count = int(stored["latent"].shape[0])
         lam = check_number(lam, "lam", 0.0, 2.0, "use a lambda between 0 and 2 (paper: 0.2)")
         strength = check_number(strength, "strength", 0.0, 5.0, "use a strength between 0 and 5 (0 = the plain model)")
         check_choice(apply_to, "apply_to", APPLY_TO)
+        check_choice(reference_mode, "reference_mode", list(REFERENCE_MODES))
+        reference_index = check_int(reference_index, "reference_index", 0, 63,
+                                    f"pick a reference index from 0 to {count - 1}")
+        check_reference_index(reference_index, count)
         if schedule is not None and not isinstance(schedule, P3SSchedule):
             raise ScheduleError("schedule", f"expected P3S_SCHEDULE, got a {type(schedule).__name__}",
                                 "connect the 'schedule' output of P3S Timestep Weight Scheduler (or leave it empty)")
         schedule = schedule if schedule is not None else P3SSchedule()
-        latent, hidden = backend.encode_reference(model, vae, clip_vision, reference)
+        if reference is not None:
+            latent, hidden = backend.encode_reference(model, vae, clip_vision, reference)
+        else:
+            latent, hidden = stored["latent"], stored["clip_hidden"]
         p = next(adapter.parameters())
         with torch.no_grad():
             i2 = adapter.encode_reference(latent.to(p.device, p.dtype), hidden.to(p.device, p.dtype))
         patched, _ = backend.apply_injector(model, adapter, i2, schedule, lam=lam, strength=strength,
-                                            apply_to=apply_to)
+                                            apply_to=apply_to, reference_index=int(reference_index),
+                                            reference_mode=reference_mode)
         return (patched,)

@@ -45,7 +45,7 @@ class P3STrainer:
         "and the trainable copy learn with L = L_LDM + gamma * L_ac (Eq. 15) while the SD1.5 model stays "
         "frozen; 10 % of the steps drop the prompt for CFG. The adapter is saved atomically to "
         "models/p3s/<save_name>.safetensors (every save_every steps and at the end). Shows progress and the "
-        "loss; Cancel stops it and keeps the last completed save. Connect resume_adapter to continue training."
+        "loss (L_LDM and gamma*L_ac shown apart); the cleaned photos are stored in the adapter as its default reference. Cancel stops it and keeps the last completed save. Connect resume_adapter to continue training."
     )
     CATEGORY = CATEGORY
     FUNCTION = "train"
@@ -81,11 +81,14 @@ class P3STrainer:
                 "mask": ("MASK", {"tooltip": "Optional subject mask(s) (one per photo or one for all): the denoising loss counts the background at 0.1x, so the subject drives training."}),
                 "resume_adapter": (ADAPTER, {"tooltip": "Continue training this adapter (its step count continues) instead of starting from the base model."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the frozen UNet in the backward pass: less GPU memory, slower steps."}),
+                "ac_reading": (["mass", "literal"], {"default": "mass", "tooltip": "Normalisation of L_ac (Eq. 11-12). 'mass' (default): summed squared difference over the mean map mass, the mean per-query distance between the two attention maps, so gamma*L_ac actually steers training. 'literal': the equation as printed (MSE / mass, about 1e-9: no effect)."}),
+                "reference_pairing": (["self", "other photo"], {"default": "self", "tooltip": "Which reference I' each training step sees. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose."}),
             },
         }
 
     def train(self, model, clip, vae, clip_vision, images, prompt, identifier, epochs, learning_rate, gamma,
-              resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing=False):
+              resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing=False,
+              ac_reading="mass", reference_pairing="self"):
         from ..p3s_core import comfy_backend as backend
         from ..p3s_core import comfy_backend_train as trainer
         from ..p3s_core.copy_unet import CopyUNetConfig
@@ -99,7 +102,8 @@ class P3STrainer:
         mask = _check_mask(images, mask)
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
                                  resolution=resolution, save_every=save_every,
-                                 identifier=str(identifier).strip())
+                                 identifier=str(identifier).strip(), ac_reading=ac_reading,
+                                 reference_pairing=reference_pairing)
         settings.validate(prompt)
         name = adapter_file_name(save_name, "save_name")
         backend.check_sd15(model)
@@ -131,6 +135,9 @@ class P3STrainer:
         adapter, result, start = trainer.run_training(
             model, clip, vae, clip_vision, images, prompt, settings, path, masks=mask,
             resume=resume_adapter, gradient_checkpointing=bool(gradient_checkpointing))
-        plot = numpy_to_image([plot_losses(result.losses, 512, 256, start).astype("float32") / 255.0])
-        text = f"{name}: {result.steps} steps, last loss {result.losses[-1]:.5f}" if result.losses else name
+        parts = trainer.plot_parts(result.ldm_losses, result.weighted_ac_losses)
+        plot = numpy_to_image([plot_losses(result.losses, 512, 256, start, parts=parts).astype("float32") / 255.0])
+        text = (f"{name}: {result.steps} steps, last loss {result.losses[-1]:.5f} = L_LDM "
+                f"{result.ldm_losses[-1]:.5f} + gamma*L_ac {result.weighted_ac_losses[-1]:.5f}"
+                if result.losses else name)
         return {"ui": {"text": [text]}, "result": (adapter, name, plot)}

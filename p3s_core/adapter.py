@@ -10,7 +10,12 @@ diffusers pipeline can load it too:
   (JSON of :class:`CopyUNetConfig`), ``encoder_config`` (JSON: latent_channels, clip_dim,
   inner_dim), ``layer_map`` (JSON list, see :func:`~p3s_core.copy_unet.layer_map`), ``lambda``
   (Eq. 7's lambda), ``training`` (JSON: settings and step count), ``base_unet_hash`` when known,
-  plus any caller-given extra keys.
+  plus any caller-given extra keys;
+* optional (additive, still format 1): ``reference.latent`` [N, 4, h, w] (the cleaned training
+  photos' VAE latents I', after ``process_latent_in``) and ``reference.clip_hidden`` [N, S, clip_dim]
+  (their CLIP ViT-L/14 last hidden states c_s): what the RNGR encoder and the copy need to make I''
+  (Eq. 4-6), so generation needs no reference photo, VAE or CLIP vision. Files without them load
+  as before (``adapter.reference`` is None).
 
 Decisions:
 
@@ -65,6 +70,26 @@ DEFAULT_LAMBDA = 0.2
 _RESERVED = ("p3s_format_version", "base_family", "config", "encoder_config", "layer_map",
              "lambda", "training", "base_unet_hash")
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+#: Optional stored-reference tensors (``reference.<name>``), see the module docstring.
+REFERENCE_TENSORS = ("latent", "clip_hidden")
+
+
+def _split_reference(path, infos: dict, clip_dim: int, latent_channels: int) -> dict:
+    """Take the optional ``reference.*`` tensor infos out of ``infos`` and check their shapes."""
+    found = {k: infos.pop(k) for k in list(infos) if k.startswith("reference.")}
+    if not found:
+        return {}
+    names = {f"reference.{n}" for n in REFERENCE_TENSORS}
+    if set(found) != names:
+        raise AdapterFileError(str(path), f"its stored reference is incomplete or unknown "
+                               f"({_names(found)}; expected {_names(names)})", "re-train the adapter")
+    lat, hid = (tuple(found[f"reference.{n}"]["shape"]) for n in REFERENCE_TENSORS)
+    if (len(lat) != 4 or lat[1] != latent_channels or len(hid) != 3 or hid[2] != clip_dim
+            or lat[0] != hid[0] or lat[0] < 1 or min(lat) < 1 or min(hid) < 1
+            or any(found[k]["dtype"] not in _FLOAT_DTYPES for k in found)):
+        raise AdapterFileError(str(path), f"its stored reference has shapes {lat} / {hid}",
+                               "re-train the adapter")
+    return found
 
 
 def _dumps(obj: Any) -> str:
@@ -85,6 +110,8 @@ class P3SAdapter(nn.Module):
         self.lam = float(lam)
         self.training_info: dict[str, Any] = dict(training) if training else {"steps": 0}
         self.base_unet_hash = base_unet_hash
+        #: The stored cleaned reference(s): {"latent": [N,4,h,w], "clip_hidden": [N,S,clip_dim]} or None.
+        self.reference: dict[str, torch.Tensor] | None = None
 
     @property
     def layer_map(self) -> list[dict[str, Any]]:
@@ -143,6 +170,10 @@ def save_adapter(adapter: P3SAdapter, path: str | os.PathLike,
     check_finite(tensors, str(path), "the adapter to save",
                  "do not save it: train again with a lower learning_rate (or resume from the last "
                  "good save)")
+    ref = getattr(adapter, "reference", None)
+    if ref is not None:
+        for name in REFERENCE_TENSORS:
+            tensors[f"reference.{name}"] = ref[name].detach().to("cpu").contiguous()
     return atomic_save_safetensors(tensors, path, meta)
 
 
@@ -245,6 +276,8 @@ def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
     with torch.device("meta"):
         adapter = P3SAdapter(config, lam, training, enc["clip_dim"], enc["inner_dim"],
                              meta.get("base_unet_hash"))
+    infos = dict(infos)
+    ref_infos = _split_reference(path, infos, enc["clip_dim"], enc["latent_channels"])
     expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     missing = set(expected) - set(infos)
     extra = set(infos) - set(expected)
@@ -263,8 +296,12 @@ def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
     if not_float:
         raise AdapterFileError(str(path), f"tensors with a non-float dtype: {_names(not_float)}",
                                "re-train the adapter")
-    sd = _read_weights(path, infos, device, dtype)
+    sd = _read_weights(path, {**infos, **ref_infos}, device, None)
+    ref = {n: sd.pop(f"reference.{n}").float() for n in REFERENCE_TENSORS} if ref_infos else None
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
     adapter.load_state_dict(sd, strict=True, assign=True)
+    adapter.reference = ref
     return adapter.eval()
 
 

@@ -199,9 +199,13 @@ class P3SInjectorPatch:
 
     def __init__(self, adapter, i2: torch.Tensor | None, schedule, lam: float = DEFAULT_LAMBDA,
                  strength: float = 1.0, apply_to: str = "cond and uncond", model_sampling=None,
-                 feature_hook=None):
+                 feature_hook=None, reference_index: int = 0, reference_mode: str = "one reference"):
+        from .encoder import REFERENCE_MODES
+
         if apply_to not in APPLY_TO:
             raise ValueError(f"apply_to must be one of {APPLY_TO}")
+        if reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}")
         self.key = f"p3s_{uuid.uuid4().hex[:12]}"
         self.adapter = adapter
         self.i2 = i2
@@ -210,6 +214,9 @@ class P3SInjectorPatch:
         self.strength = float(strength)
         self.apply_to = apply_to
         self.feature_hook = feature_hook  # training: sees the copy's outputs (attention map)
+        self.reference_index = int(reference_index)
+        self.reference_mode = reference_mode
+        self._warned_sizes: set = set()
         self.num_timesteps = 1000
         self.sigma_start = self.sigma_end = None
         if model_sampling is not None:
@@ -264,19 +271,58 @@ class P3SInjectorPatch:
         return executor(x, timesteps, context, y, control, options, **kwargs)
 
     def copy_features(self, x, timesteps, context):
-        """Eq. 6 once per step: the copy on x_t + I'' (I'' resized to x_t and batched)."""
-        from .encoder import prepare_reference
+        """Eq. 6 once per step: the copy on x_t + I'' (I'' fitted to x_t without stretching).
+
+        ``reference_mode`` "one reference": reference ``reference_index`` only. "average copy
+        features": the copy runs once per reference and its features are averaged (N times the
+        copy's cost per step)."""
+        from .encoder import aspects_differ, check_reference_index, prepare_reference
 
         p = next(self.adapter.parameters())
         dev, dt = p.device, p.dtype
-        ref = None
-        if self.i2 is not None:
-            ref = prepare_reference(self.i2.to(dev, dt), x.shape[0], tuple(x.shape[-2:]))
-        out = self.adapter.copy(x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt), ref,
-                                return_attn_map=self.feature_hook is not None)
+        want_map = self.feature_hook is not None
+        if self.i2 is None:
+            out = self.adapter.copy(x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt), None,
+                                    return_attn_map=want_map)
+        else:
+            size = tuple(x.shape[-2:])
+            self._warn_aspect(aspects_differ, size)
+            i2 = self.i2.to(dev, dt)
+            if self.reference_mode == "one reference":
+                indices = [check_reference_index(self.reference_index, int(i2.shape[0]))]
+            else:
+                indices = list(range(int(i2.shape[0])))
+            out = None
+            for i in indices:
+                ref = prepare_reference(i2, x.shape[0], size, index=i)
+                one = self.adapter.copy(x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt), ref,
+                                        return_attn_map=want_map)
+                if out is None:
+                    out = dict(one)
+                else:
+                    for k in out:
+                        out[k] = out[k] + one[k]
+            if len(indices) > 1:
+                out = {k: v / len(indices) for k, v in out.items()}
         if self.feature_hook is not None:
             self.feature_hook(out)
         return out
+
+    def _warn_aspect(self, aspects_differ, size) -> None:
+        """Log once per generation size when a reference's aspect ratio differs from the latent's."""
+        if size in self._warned_sizes:
+            return
+        self._warned_sizes.add(size)
+        ref_hw = tuple(self.i2.shape[-2:])
+        if aspects_differ(ref_hw, size):
+            import logging
+
+            logging.getLogger("P3S").warning(
+                "[P3S Condition Injector] the reference (latent %dx%d, aspect %.3f) and the image "
+                "being generated (latent %dx%d, aspect %.3f) differ in aspect ratio: the reference is "
+                "scaled uniformly and its centre cropped to fit (never stretched); generate at the "
+                "reference's aspect ratio to keep all of it", ref_hw[0], ref_hw[1],
+                ref_hw[1] / ref_hw[0], size[0], size[1], size[1] / size[0])
 
     def __call__(self, n, context_attn1, value_attn1, extra_options):
         bank = extra_options.get(self.key)
@@ -314,14 +360,16 @@ class P3SInjectorPatch:
 
 
 def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.0,
-                   apply_to="cond and uncond", feature_hook=None):
+                   apply_to="cond and uncond", feature_hook=None, reference_index=0,
+                   reference_mode="one reference"):
     """A ``model.clone()`` with the P3S attn1 patch and per-step wrapper installed (chaining-safe)."""
     import comfy.patcher_extension as pe
 
     check_sd15(model)
     m = model.clone()
     patch = P3SInjectorPatch(adapter, i2, schedule, lam=lam, strength=strength, apply_to=apply_to,
-                             model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook)
+                             model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook,
+                             reference_index=reference_index, reference_mode=reference_mode)
     m.set_model_attn1_patch(patch)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, patch.key, patch.diffusion_wrapper)
     m.set_additional_models(patch.key, [patch.adapter_patcher()])

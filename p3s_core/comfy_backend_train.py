@@ -24,7 +24,9 @@ How one training step runs (:func:`build_step_fn`):
 
 1. ``t ~ U{0..999}``, ``noise ~ N(0, I)`` from the training generator; ``sigma =
    model_sampling.sigma(t)``; ``x_t = model_sampling.noise_scaling(sigma, noise, x0)``.
-2. ``I'' = adapter.encode_reference(x0, clip_hidden)`` (Eq. 4-5, the encoder trains).
+2. ``I'' = adapter.encode_reference(x0, clip_hidden)`` (Eq. 4-5, the encoder trains); with
+   ``reference_pairing="other photo"`` the loop passes another photo (``ref_latent``, flipped at
+   random, fitted to x0's grid without stretching) and its CLIP hidden states instead.
 3. The frozen base UNet runs on ``calculate_input(sigma, x_t)`` at ``timestep(sigma)`` through the
    P3S patch (:func:`p3s_core.comfy_backend.apply_injector`, weight 1, strength 1): the copy runs
    once (Eq. 6) and its features enter all 16 self-attention layers (Eq. 7-8).
@@ -32,7 +34,11 @@ How one training step runs (:func:`build_step_fn`):
    the raw UNet output is compared, not ``calculate_denoised``; other parameterisations are
    refused). ``L_ac`` (Eq. 11-13) compares the copy's cross-attention map with the original UNet's
    LAST cross-attention layer (``("output", 11)`` attn2), captured with an attn2 replace patch that
-   computes ``softmax(QK^T/sqrt d)`` explicitly. Both maps are averaged over heads.
+   computes ``softmax(QK^T/sqrt d)`` explicitly. Both maps are averaged over heads. Normalised as
+   ``settings.ac_reading`` says ("mass" by default, see :mod:`p3s_core.losses`).
+5. The run stores the cleaned photos' latents and CLIP hidden states in the adapter
+   (:func:`stored_reference`), the Condition Injector's default reference; progress, the loss plot
+   and the adapter's ``training`` metadata report ``L_LDM`` and ``gamma * L_ac`` apart.
 
 Decisions:
 
@@ -72,6 +78,7 @@ import torch
 
 from .comfy_backend import token_grid
 from .copy_unet import ATTN_MAP_KEY, LAYER_MAP, layer_key
+from .encoder import fit_reference
 from .errors import ImageInputError, ModelMismatchError, TrainingConfigError, TrainingDivergedError
 from .losses import attention_consistency_loss, attention_probs
 from .train import TrainBatch, TrainSettings, masked_ldm_loss
@@ -513,7 +520,8 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
     bg = float(settings.mask_background_weight)
     run_id = uuid.uuid4()
 
-    def step_fn(adapter_, x0, context, clip_hidden, generator, mask=None):
+    def step_fn(adapter_, x0, context, clip_hidden, generator, mask=None, ref_latent=None,
+                ref_clip_hidden=None):
         if adapter_ is not adapter:
             raise TrainingConfigError("adapter", "the step function was built for another adapter",
                                       "build the step function with the adapter being trained")
@@ -528,8 +536,12 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
         copy_out.clear()
         copy_maps.clear()
         p = next(adapter.parameters())
+        ref_lat, ref_hid = x0, clip_hidden  # the paper: the photo is its own reference I'
+        if ref_latent is not None:  # reference_pairing "other photo": fitted to x0's grid
+            ref_lat = fit_reference(ref_latent.to(device), tuple(x0.shape[-2:]))
+            ref_hid = ref_clip_hidden if ref_clip_hidden is not None else clip_hidden
         with _autocast(device, precision):
-            patch.i2 = adapter.encode_reference(x0.to(p.device, p.dtype), clip_hidden.to(p.device, p.dtype))
+            patch.i2 = adapter.encode_reference(ref_lat.to(p.device, p.dtype), ref_hid.to(p.device, p.dtype))
             opts = dict(options)
             opts["cond_or_uncond"] = [0]
             opts["uuids"] = [run_id]
@@ -544,14 +556,16 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
                 raise ModelMismatchError("model", "the last cross-attention map was not captured",
                                          "train on a plain SD1.5 MODEL")
             l_ac = attention_consistency_loss(m_c.float(), m_o.float(), hw_c=tuple(x0.shape[-2:]),
-                                              hw_o=capture.grids["output_11"])
+                                              hw_o=capture.grids["output_11"],
+                                              reading=settings.ac_reading)
         else:
             parts = []
             for key, m_o in capture.maps.items():
                 m_c = copy_maps.get(level_of.get(key, -1))
                 if m_c is None:
                     continue
-                parts.append(attention_consistency_loss(m_c.float(), m_o.float()))
+                parts.append(attention_consistency_loss(m_c.float(), m_o.float(),
+                                                        reading=settings.ac_reading))
             if len(parts) != len(blocks):
                 raise ModelMismatchError("model", f"only {len(parts)} of {len(blocks)} cross-attention "
                                          "maps were captured", "train on a plain SD1.5 MODEL")
@@ -624,6 +638,12 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         every = log_every or max(1, local_total // 20)
         pbar = comfy.utils.ProgressBar(local_total)
         losses: list[float] = []
+        parts_ldm: list[float] = []
+        parts_ac: list[float] = []
+
+        def on_parts(l_ldm, gamma_l_ac):
+            parts_ldm.append(float(l_ldm))
+            parts_ac.append(float(gamma_l_ac))
 
         def step_fn(*args, **kwargs):
             mm.throw_exception_if_processing_interrupted()
@@ -632,7 +652,8 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         saved: list[int] = []
 
         def save(step, loss):
-            adapter.training_info = dict(info_base, steps=int(step), loss=float(loss))
+            adapter.training_info = dict(info_base, steps=int(step), loss=float(loss),
+                                         **loss_parts(parts_ldm, parts_ac))
             try:
                 save_adapter(adapter, save_path)  # refuses non-finite weights, writes nothing
             except AdapterFileError as exc:
@@ -651,16 +672,19 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
             local = step - start_step
             preview = None
             if local % every == 0 or local == local_total:
-                log.info("[P3S Trainer] step %d/%d (total %d) loss %.5f", local, local_total, step, loss)
-                preview = _preview(plot_losses(losses, 512, 256, start_step))
+                log.info("[P3S Trainer] step %d/%d (total %d) loss %.5f = L_LDM %.5f + gamma*L_ac %.5f",
+                         local, local_total, step, loss, parts_ldm[-1], parts_ac[-1])
+                preview = _preview(plot_losses(losses, 512, 256, start_step,
+                                               parts=plot_parts(parts_ldm, parts_ac)))
             pbar.update_absolute(local, local_total, preview)
             mm.throw_exception_if_processing_interrupted()
             if settings.save_every and local % settings.save_every == 0 and local != local_total:
                 save(step, loss)
 
         try:
+            adapter.reference = stored_reference(batches)
             result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step,
-                                   start_step=start_step, device=device)
+                                   start_step=start_step, device=device, on_parts=on_parts)
         except TrainingDivergedError as exc:
             kept = (f"the save of step {saved[-1]} in {save_path} is kept" if saved
                     else f"nothing was saved by this run ({save_path} is unchanged)")
@@ -675,6 +699,30 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         del ctx, unet, batches
         gc.collect()
         mm.soft_empty_cache()
+
+
+def stored_reference(batches) -> dict | None:
+    """The cleaned training references the adapter file carries (latents I' and CLIP hidden states,
+    float32 on the CPU), so generation needs no reference photo; None when their grids differ."""
+    lats = [b.latent.detach().to("cpu", torch.float32) for b in batches]
+    if any(t.shape != lats[0].shape for t in lats):
+        return None
+    hids = [b.clip_hidden.detach().to("cpu", torch.float32) for b in batches]
+    with torch.inference_mode(False):
+        return {"latent": torch.cat(lats).clone(), "clip_hidden": torch.cat(hids).clone()}
+
+
+def loss_parts(ldm: list[float], weighted_ac: list[float]) -> dict:
+    """Adapter metadata of the two parts of Eq. 15: the last step's and the run's means."""
+    if not ldm:
+        return {}
+    return {"loss_ldm": ldm[-1], "loss_gamma_ac": weighted_ac[-1],
+            "mean_loss_ldm": sum(ldm) / len(ldm), "mean_loss_gamma_ac": sum(weighted_ac) / len(weighted_ac)}
+
+
+def plot_parts(ldm: list[float], weighted_ac: list[float]):
+    """The loss plot's extra curves: L_LDM (green) and gamma*L_ac (red)."""
+    return (("L_LDM", ldm), ("gamma*L_ac", weighted_ac))
 
 
 def _warn_if_other_base(adapter, unet) -> None:

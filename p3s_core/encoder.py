@@ -28,7 +28,8 @@ from torch import nn
 
 from .errors import ImageInputError
 
-__all__ = ["RNGREncoder", "prepare_reference"]
+__all__ = ["RNGREncoder", "prepare_reference", "fit_reference", "fitted_size", "aspects_differ",
+           "check_reference_index", "REFERENCE_MODES"]
 
 
 class RNGREncoder(nn.Module):
@@ -84,15 +85,64 @@ class RNGREncoder(nn.Module):
         return ref_latent + out.to(ref_latent.dtype)
 
 
-def prepare_reference(i2: torch.Tensor, batch: int, size: Sequence[int]) -> torch.Tensor:
-    """Fit the encoder output ``I''`` [N,C,h',w'] to ``x_t``: -> [batch, C, h, w] (input of Eq. 6).
+#: How a batch of references feeds the copy at sampling (see :func:`prepare_reference`).
+REFERENCE_MODES = ("one reference", "average copy features")
 
-    Resizes bilinearly (``align_corners=False``) to ``size = (h, w)`` when needed, then averages over
-    the N references and repeats the mean for every sample of the batch.
 
-    Decision: several reference images are averaged at sampling time (one subject, several views);
-    at training time each sample uses its own reference, so the trainer passes ``I''`` per sample
-    instead of calling this function.
+def fitted_size(ref_hw: Sequence[int], size: Sequence[int]) -> tuple[int, int]:
+    """(h, w) of a reference grid ``ref_hw`` scaled uniformly so that it covers ``size``."""
+    rh, rw = int(ref_hw[0]), int(ref_hw[1])
+    h, w = int(size[0]), int(size[1])
+    scale = max(h / rh, w / rw)
+    return max(h, int(round(rh * scale))), max(w, int(round(rw * scale)))
+
+
+def aspects_differ(ref_hw: Sequence[int], size: Sequence[int], tolerance: float = 0.02) -> bool:
+    """True when the reference grid's aspect ratio differs from ``size``'s by more than ``tolerance``."""
+    ra = float(ref_hw[1]) / float(ref_hw[0])
+    ga = float(size[1]) / float(size[0])
+    return abs(math.log(ra / ga)) > math.log1p(tolerance)
+
+
+def fit_reference(i2: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Fit ``I''`` [N,C,h',w'] to the latent grid ``size = (h, w)`` without distortion.
+
+    Decision (the copy is pixel-aligned with ``x_t``, Eq. 6): the reference is scaled by one factor
+    (bilinear, ``align_corners=False``) until it covers the grid (its short side relative to the
+    grid decides, as the Trainer's "short side = resolution"), then the overflow of the other side
+    is cut evenly from both ends (centre crop). Never stretched; same aspect: a plain resize.
+    """
+    if i2.ndim != 4 or i2.shape[0] < 1:
+        raise ImageInputError("reference", f"expected [N, C, h, w] with N >= 1, got "
+                              f"{tuple(i2.shape)}", "pass at least one encoded reference image")
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise ImageInputError("latent", f"invalid size {(h, w)}", "sample with a non-empty latent")
+    if tuple(i2.shape[-2:]) == (h, w):
+        return i2
+    fh, fw = fitted_size(i2.shape[-2:], (h, w))
+    if (fh, fw) != tuple(i2.shape[-2:]):
+        i2 = F.interpolate(i2, size=(fh, fw), mode="bilinear", align_corners=False)
+    top, left = (fh - h) // 2, (fw - w) // 2
+    return i2[:, :, top:top + h, left:left + w]
+
+
+def check_reference_index(index: int, count: int, input_name: str = "reference_index") -> int:
+    """``index`` as an int in ``[0, count)``, else :class:`ImageInputError` naming ``input_name``."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        raise ImageInputError(input_name, f"{index!r} is not a reference of the {count} given "
+                              f"(0..{count - 1})", f"pick a reference index from 0 to {count - 1}")
+    return index
+
+
+def prepare_reference(i2: torch.Tensor, batch: int, size: Sequence[int], index: int = 0) -> torch.Tensor:
+    """The input of Eq. 6 from ``I''`` [N,C,h',w']: reference ``index`` fitted to ``x_t``'s grid
+    ``size = (h, w)`` (:func:`fit_reference`, no stretching) and repeated for the ``batch``.
+
+    Decision: one reference per generation (training pairs each photo with itself, so the copy has
+    never seen an average of several unaligned photos); several references are *not* averaged in
+    latent space. To use several at once, run the copy once per reference and average its
+    features (the Condition Injector's "average copy features" mode).
     """
     if i2.ndim != 4 or i2.shape[0] < 1:
         raise ImageInputError("reference", f"expected [N, C, h, w] with N >= 1, got "
@@ -101,6 +151,6 @@ def prepare_reference(i2: torch.Tensor, batch: int, size: Sequence[int]) -> torc
     if batch < 1 or h < 1 or w < 1:
         raise ImageInputError("latent", f"invalid batch {batch} / size {(h, w)}",
                               "sample with a non-empty latent batch")
-    if tuple(i2.shape[-2:]) != (h, w):
-        i2 = F.interpolate(i2, size=(h, w), mode="bilinear", align_corners=False)
-    return i2.mean(dim=0, keepdim=True).expand(batch, -1, -1, -1).contiguous()
+    index = check_reference_index(index, int(i2.shape[0]))
+    one = fit_reference(i2[index:index + 1], (h, w))
+    return one.expand(batch, -1, -1, -1).contiguous()

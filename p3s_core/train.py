@@ -22,6 +22,15 @@ Decisions where the paper is vague:
   gives the same adapter bit for bit on the CPU.
 * A non-finite loss or gradient raises :class:`TrainingDivergedError` *before* the optimiser
   step, so the weights (and any save made so far) are the last good ones.
+* L_ac's normalisation (``ac_reading``): ``"mass"`` by default, the literal Eq. 11-12 as an option
+  (see :func:`p3s_core.losses.attention_consistency_loss`). The loop records ``L_LDM`` and
+  ``gamma * L_ac`` separately (:class:`TrainResult`, ``on_parts``).
+* Training reference (``reference_pairing``): ``"self"`` (the paper: each photo is its own reference
+  I') or ``"other photo"``: with two or more photos, each target is paired with another photo of
+  the subject drawn by the generator, flipped left-right with probability 1/2 (the step gets it as
+  ``ref_latent`` / ``ref_clip_hidden``). It trades the copy's easy shortcut (copying the
+  pixel-aligned target through I'') for learning the subject's appearance from a non-aligned
+  view, as at generation, where the reference is never aligned with the image being made.
 * Resume: ``start_step`` continues the step count (``training_info["steps"]``). The optimiser's
   moments are not in the adapter file, so AdamW starts fresh; the generator is re-seeded from
   ``(seed, start_step)`` so a resumed run does not replay the first run's noise.
@@ -41,6 +50,8 @@ from .losses import total_loss
 
 __all__ = [
     "AC_LAYERS",
+    "AC_READINGS",
+    "REFERENCE_PAIRINGS",
     "TrainSettings",
     "TrainBatch",
     "TrainResult",
@@ -56,6 +67,10 @@ __all__ = [
 #: ``"last"``: L_ac on the last cross-attention layer only (the paper's choice, Table IV);
 #: ``"all"``: averaged over every cross-attention layer of the UNet (Table IV's "whole U-Net").
 AC_LAYERS = ("last", "all")
+#: Eq. 11-12 normalisation, see :data:`p3s_core.losses.AC_READINGS`.
+AC_READINGS = ("mass", "literal")
+#: Which reference I' a training step sees: the photo itself (paper) or another photo, flipped at random.
+REFERENCE_PAIRINGS = ("self", "other photo")
 _MAX_SEED = 2 ** 64 - 1
 
 
@@ -82,6 +97,8 @@ class TrainSettings:
     save_every: int = 0
     identifier: str = "sks"
     ac_layers: str = "last"
+    ac_reading: str = "mass"
+    reference_pairing: str = "self"
     weight_decay: float = 0.01
     mask_background_weight: float = 0.1
 
@@ -126,6 +143,12 @@ class TrainSettings:
         if self.ac_layers not in AC_LAYERS:
             bad("ac_layers", f"{self.ac_layers!r} is not one of {AC_LAYERS}",
                 "use 'last' (paper) or 'all'")
+        if self.ac_reading not in AC_READINGS:
+            bad("ac_reading", f"{self.ac_reading!r} is not one of {AC_READINGS}",
+                "use 'mass' (default: an L_ac that acts) or 'literal' (Eq. 11-12 as printed)")
+        if self.reference_pairing not in REFERENCE_PAIRINGS:
+            bad("reference_pairing", f"{self.reference_pairing!r} is not one of {REFERENCE_PAIRINGS}",
+                "use 'self' (paper) or 'other photo'")
         if not is_num(self.weight_decay) or not math.isfinite(float(self.weight_decay)) \
                 or float(self.weight_decay) < 0:
             bad("weight_decay", f"{self.weight_decay!r} is not a finite number >= 0", "use 0.01")
@@ -173,6 +196,12 @@ class TrainResult:
     ldm_losses: list[float] = field(default_factory=list)
     ac_losses: list[float] = field(default_factory=list)
     dropped: int = 0
+    gamma: float = 0.0
+
+    @property
+    def weighted_ac_losses(self) -> list[float]:
+        """``gamma * L_ac`` per step (the part of Eq. 15's loss that L_ac contributes)."""
+        return [self.gamma * v for v in self.ac_losses]
 
 
 StepFn = Callable[..., tuple]
@@ -228,7 +257,8 @@ def _finite_grads(params: Sequence[torch.Tensor]) -> bool:
 
 def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_fn: StepFn,
                   settings: TrainSettings, on_step: OnStep | None = None, start_step: int = 0,
-                  device: torch.device | str | None = None) -> TrainResult:
+                  device: torch.device | str | None = None,
+                  on_parts: Callable[[float, float], None] | None = None) -> TrainResult:
     """Train ``adapter`` in place for ``settings.epochs`` epochs over ``batches`` (Eq. 15).
 
     ``step_fn(adapter, x0, context, clip_hidden, generator[, mask=...]) -> (l_ldm, l_ac)`` runs one
@@ -238,7 +268,10 @@ def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_
     called after every optimiser step with the global step (``start_step + k``), the global total
     and the loss; it may raise to cancel (the exception propagates at once, no further step runs).
     Tensors of each batch are moved to ``device`` when given (inference tensors are cloned into
-    normal ones, so batches made under ``torch.inference_mode()`` work). Returns a :class:`TrainResult`; the
+    normal ones, so batches made under ``torch.inference_mode()`` work). ``on_parts(l_ldm,
+    gamma_l_ac)`` is called before ``on_step`` with the step's two loss parts. With
+    ``settings.reference_pairing == "other photo"`` and two or more batches, ``step_fn`` also gets
+    ``ref_latent`` / ``ref_clip_hidden`` of another photo (flipped at random). Returns a :class:`TrainResult`; the
     adapter is left in eval mode with ``requires_grad`` off.
     """
     settings.validate()
@@ -249,7 +282,7 @@ def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_
         raise TrainingConfigError("start_step", f"{start_step!r} is not a whole number >= 0",
                                   "resume from an adapter saved by the P3S Trainer")
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(adapter, list(batches), step_fn, settings, on_step, start_step, device)
+        return _train(adapter, list(batches), step_fn, settings, on_step, start_step, device, on_parts)
 
 
 def _to(t, device):
@@ -271,7 +304,17 @@ def _prepare(b: TrainBatch, device) -> TrainBatch:
                                                           b.clip_hidden, b.mask)))
 
 
-def _train(adapter, batches, step_fn, settings, on_step, start_step, device) -> TrainResult:
+def _other_reference(batches, idx: int, generator: torch.Generator) -> dict:
+    """Another photo's (latent, CLIP hidden) for target ``idx``, flipped left-right with p = 1/2."""
+    others = [j for j in range(len(batches)) if j != idx]
+    j = others[int(torch.randint(len(others), (1,), generator=generator))]
+    flip = bool(torch.rand((), generator=generator).item() < 0.5)
+    lat = batches[j].latent
+    return {"ref_latent": torch.flip(lat, dims=(-1,)) if flip else lat,
+            "ref_clip_hidden": batches[j].clip_hidden}
+
+
+def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_parts=None) -> TrainResult:
     batches = [_prepare(b, device) for b in batches]
     params = trainable_parameters(adapter)
     for p in params:
@@ -281,7 +324,8 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device) -> 
     generator = torch.Generator().manual_seed(_generator_seed(settings.seed, start_step))
     n = len(batches)
     total = start_step + settings.epochs * n
-    result = TrainResult(steps=start_step)
+    result = TrainResult(steps=start_step, gamma=float(settings.gamma))
+    pair_other = settings.reference_pairing == "other photo" and n >= 2
     step = start_step
     try:
         for _epoch in range(settings.epochs):
@@ -291,6 +335,8 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device) -> 
                 drop = bool(torch.rand((), generator=generator).item() < float(settings.cond_dropout))
                 context = b.uncond if drop else b.context
                 kwargs = {} if b.mask is None else {"mask": b.mask}
+                if pair_other:
+                    kwargs.update(_other_reference(batches, idx, generator))
                 l_ldm, l_ac = step_fn(adapter, b.latent, context, b.clip_hidden, generator, **kwargs)
                 loss = total_loss(l_ldm, l_ac, settings.gamma)
                 value = float(loss.detach())
@@ -314,6 +360,8 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device) -> 
                 result.ldm_losses.append(float(l_ldm.detach()))
                 result.ac_losses.append(float(torch.as_tensor(l_ac).detach()))
                 result.dropped += int(drop)
+                if on_parts is not None:
+                    on_parts(result.ldm_losses[-1], result.gamma * result.ac_losses[-1])
                 if on_step is not None:
                     on_step(step, total, value)
     finally:
@@ -331,10 +379,13 @@ def estimate_adapter_bytes(adapter: torch.nn.Module) -> int:
 
 
 def plot_losses(losses: Sequence[float], width: int = 512, height: int = 256,
-                start_step: int = 0, title: str = "P3S training loss") -> np.ndarray:
+                start_step: int = 0, title: str = "P3S training loss",
+                parts: Sequence[tuple[str, Sequence[float]]] = ()) -> np.ndarray:
     """Draw the loss per step (and a moving average) as an RGB ``uint8`` array [height, width, 3].
 
     Uses PIL only. x axis: global step (``start_step + 1`` ..), y axis: loss from 0 to the maximum.
+    ``parts``: extra ``(label, values)`` curves on the same axes (e.g. ``L_LDM`` and
+    ``gamma*L_ac``), drawn in green and red with their labels and last values in the legend.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -372,6 +423,17 @@ def plot_losses(losses: Sequence[float], width: int = 512, height: int = 256,
         off = (k - 1) / 2
         draw.line([(px(i + off), py(v)) for i, v in enumerate(avg)] if len(avg) > 1 else pts,
                   fill=(255, 170, 40), width=2)
+    colours = [(110, 210, 120), (235, 90, 90), (200, 120, 230)]
+    legend_y = top + 2
+    for (label, series), colour in zip(parts, colours):
+        pv = [float(v) if math.isfinite(float(v)) else 0.0 for v in series][:len(vals)]
+        if not pv:
+            continue
+        ppts = [(px(i), py(min(max(v, 0.0), y_max))) for i, v in enumerate(pv)]
+        if len(ppts) > 1:
+            draw.line(ppts, fill=colour, width=1)
+        draw.text((right - 150, legend_y), f"{label} {pv[-1]:.3g}", fill=colour, font=font)
+        legend_y += 12
     draw.text((left, bottom + 6), f"step {start_step + 1}", fill=(220, 220, 220), font=font)
     end = f"step {start_step + len(vals)}  loss {vals[-1]:.4g}"
     draw.text((max(left + 60, right - 6 * len(end)), bottom + 6), end, fill=(220, 220, 220), font=font)

@@ -136,8 +136,9 @@ def trainer(g, x, y, ckpt, clipv, rngr):
     return t
 
 
-def generate(g, x, y, ckpt, adapter_src, reference_src, clipv, controlnet=False, cn_image=None):
-    """Scheduler -> Injector -> KSampler (DDIM 50, CFG 7.5) -> Save Image."""
+def generate(g, x, y, ckpt, adapter_src, controlnet=False, cn_image=None):
+    """Scheduler -> Injector -> KSampler (DDIM 50, CFG 7.5) -> Save Image. The Injector takes the
+    cleaned reference stored in the adapter (no reference photo, VAE or CLIP vision connected)."""
     sched = g.node("P3STimestepWeightScheduler", (x, y), {}, size=(320, 340))
     plot = g.node("PreviewImage", (x, y + 370), {}, size=(320, 200), title="schedule")
     inj = g.node("P3SConditionInjector", (x + 350, y), {}, size=(340, 240))
@@ -152,9 +153,6 @@ def generate(g, x, y, ckpt, adapter_src, reference_src, clipv, controlnet=False,
         (sched, 1, plot, "images"),
         (ckpt, 0, inj, "model"),
         (adapter_src[0], adapter_src[1], inj, "adapter"),
-        (reference_src[0], reference_src[1], inj, "reference"),
-        (ckpt, 2, inj, "vae"),
-        (clipv, 0, inj, "clip_vision"),
         (sched, 0, inj, "schedule"),
         (ckpt, 1, pos, "clip"),
         (ckpt, 1, neg, "clip"),
@@ -188,13 +186,12 @@ def generate(g, x, y, ckpt, adapter_src, reference_src, clipv, controlnet=False,
     )
 
 
-def loaders(g):
-    """Checkpoint, trained adapter, CLIP vision and the reference photo of the generate workflows."""
+def loaders(g, photo=False):
+    """Checkpoint and trained adapter of the generate workflows (+ the photo, for ControlNet's edges)."""
     ckpt = checkpoint(g, (0, 0))
     adapter = g.node("P3SAdapterLoader", (0, 140), {"adapter_name": f"{ADAPTER}.safetensors"}, size=(320, 60))
-    clipv = g.node("CLIPVisionLoader", (0, 230), {"clip_name": CLIPV}, size=(320, 60))
-    ref = g.node("LoadImage", (0, 320), {"image": PHOTO}, size=(300, 340), title="reference (cleaned photo)")
-    return ckpt, adapter, clipv, ref
+    ref = g.node("LoadImage", (0, 230), {"image": PHOTO}, size=(300, 340), title="layout photo") if photo else None
+    return ckpt, adapter, ref
 
 
 def build(defs):
@@ -212,17 +209,18 @@ def build(defs):
     g.dump("p3s_select_and_train", "P3S: select and train")
     # 2. generate
     g = Graph(defs)
-    ckpt, adapter, clipv, ref = loaders(g)
-    generate(g, 360, 0, ckpt, (adapter, 0), (ref, 0), clipv)
+    ckpt, adapter, _ = loaders(g)
+    generate(g, 360, 0, ckpt, (adapter, 0))
     g.note((0, 700), "P3S, step 2: generate.\n\nThe Condition Injector patches the MODEL with the adapter trained in "
            "p3s_select_and_train; the subject follows the prompt's identifier (sks). Paper settings: DDIM, 50 steps, "
-           "CFG 7.5. The scheduler sets how strongly the subject is injected over the steps (Eq. 10). For best "
-           "results load the cleaned reference saved from RNGR.")
+           "CFG 7.5. The scheduler sets how strongly the subject is injected over the steps (Eq. 10). The adapter "
+           "carries the cleaned reference it was trained on, so no photo is needed here; connect another cleaned "
+           "photo (with VAE and CLIP vision) to the Injector's 'reference' to override it.")
     g.dump("p3s_generate", "P3S: generate")
     # 3. generate with ControlNet
     g = Graph(defs)
-    ckpt, adapter, clipv, ref = loaders(g)
-    generate(g, 360, 0, ckpt, (adapter, 0), (ref, 0), clipv, controlnet=True, cn_image=(ref, 0))
+    ckpt, adapter, ref = loaders(g, photo=True)
+    generate(g, 360, 0, ckpt, (adapter, 0), controlnet=True, cn_image=(ref, 0))
     g.note((0, 700), "P3S with ControlNet: the P3S patch lives on the MODEL, ControlNet on the conditioning; both "
            "act in the same KSampler. Here a Canny ControlNet keeps the reference's layout.")
     g.dump("p3s_generate_controlnet", "P3S: generate with ControlNet")
@@ -231,7 +229,7 @@ def build(defs):
     rngr, clipv, _ = select_and_clean(g, 0, 0)
     ckpt = checkpoint(g, (1130, 0))
     t = trainer(g, 1130, 140, ckpt, clipv, rngr)
-    generate(g, 1860, 0, ckpt, (t, 0), (rngr, 0), clipv)
+    generate(g, 1860, 0, ckpt, (t, 0))
     g.note((0, 540), "P3S from clicks to images in one graph: points -> mask + inpaint -> train -> inject -> sample. "
            "Training runs again only when its inputs change (ComfyUI caches node outputs).")
     g.dump("p3s_clicks_to_images", "P3S: from clicks to images")

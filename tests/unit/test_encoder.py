@@ -88,15 +88,19 @@ def test_input_errors(enc):
         enc(torch.randn(3, C, 4, 4), torch.randn(2, 5, CLIP))
 
 
-def test_prepare_reference_averages_and_expands():
+def test_prepare_reference_uses_exactly_the_chosen_reference():
+    """Several references are never averaged in latent space (issue 12): index picks one."""
     i2 = torch.randn(3, C, 4, 5)
-    out = prepare_reference(i2, batch=2, size=(4, 5))
-    assert tuple(out.shape) == (2, C, 4, 5)
-    expected = (i2[0] + i2[1] + i2[2]) / 3
-    torch.testing.assert_close(out[0], expected)
-    torch.testing.assert_close(out[1], expected)
+    for index in range(3):
+        out = prepare_reference(i2, batch=2, size=(4, 5), index=index)
+        assert tuple(out.shape) == (2, C, 4, 5)
+        assert torch.equal(out[0], i2[index]) and torch.equal(out[1], i2[index])
+    assert torch.equal(prepare_reference(i2, 1, (4, 5))[0], i2[0])  # default: the first
     with pytest.raises(ImageInputError):
         prepare_reference(torch.randn(0, C, 4, 4), 1, (4, 4))
+    with pytest.raises(ImageInputError, match="reference_index") as err:
+        prepare_reference(i2, 1, (4, 5), index=3)
+    assert "0 to 2" in str(err.value)
 
 
 def _bilinear(img, oh, ow):
@@ -119,9 +123,36 @@ def _bilinear(img, oh, ow):
 
 def test_prepare_reference_resizes_bilinearly_to_the_latent_size():
     i2 = torch.randn(2, C, 2, 3)
-    out = prepare_reference(i2, batch=3, size=(5, 4))
-    assert tuple(out.shape) == (3, C, 5, 4)
+    out = prepare_reference(i2, batch=3, size=(4, 6), index=1)  # same aspect: a plain resize
+    assert tuple(out.shape) == (3, C, 4, 6)
     for c in range(C):
-        expected = (_bilinear(i2[0, c], 5, 4) + _bilinear(i2[1, c], 5, 4)) / 2
+        expected = _bilinear(i2[1, c], 4, 6)
         for b in range(3):
             torch.testing.assert_close(out[b, c], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fit_keeps_the_aspect_ratio_scale_then_centre_crop():
+    """A 512x384 reference (latent 48x64) at 512^2 (64x64) is scaled by 4/3 and centre-cropped,
+    never stretched: a disc stays a disc."""
+    from p3s_core.encoder import aspects_differ, fit_reference, fitted_size
+
+    ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(64.0), indexing="ij")
+    disc = (((ys - 23.5) ** 2 + (xs - 31.5) ** 2) <= 15.0 ** 2).float()
+    ref = disc.expand(1, C, 48, 64).clone()
+    out = fit_reference(ref, (64, 64))
+    assert tuple(out.shape) == (1, C, 64, 64)
+    assert fitted_size((48, 64), (64, 64)) == (64, 85)
+    m = out[0, 0] > 0.5
+    rows = torch.nonzero(m.any(1)).flatten()
+    cols = torch.nonzero(m.any(0)).flatten()
+    height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+    assert abs(height - width) <= 1 and abs(height - 40) <= 2, (height, width)  # 30 px * 4/3
+    # a stretch would have made it an ellipse 40 high, 30 wide
+    stretched = torch.nn.functional.interpolate(ref, size=(64, 64), mode="bilinear", align_corners=False)[0, 0] > 0.5
+    sc = torch.nonzero(stretched.any(0)).flatten()
+    assert abs(int(sc[-1] - sc[0] + 1) - 30) <= 1
+    # centre crop: the disc stays centred
+    assert abs(float(rows.float().mean()) - 31.5) <= 1 and abs(float(cols.float().mean()) - 31.5) <= 1
+    assert aspects_differ((48, 64), (64, 64)) and not aspects_differ((48, 64), (96, 128))
+    # a portrait reference in a landscape grid is scaled by its width and cropped top/bottom
+    assert tuple(fit_reference(torch.randn(2, C, 10, 5), (4, 8)).shape) == (2, C, 4, 8)

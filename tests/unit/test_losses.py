@@ -37,11 +37,13 @@ def probs_loops(q, k, heads):
     return out
 
 
-def lac_numpy(mc, mo):
+def lac_numpy(mc, mo, reading="mass"):
     mc, mo = np.asarray(mc, np.float64), np.asarray(mo, np.float64)
-    mse = ((mc - mo) ** 2).sum() / mc.size
+    sq = ((mc - mo) ** 2).sum()
+    if reading == "literal":
+        sq = sq / mc.size
     avg = (mc.sum() + mo.sum()) / 2
-    return mse / avg
+    return sq / avg
 
 
 def test_attention_probs_matches_loops():
@@ -80,16 +82,43 @@ def test_attention_consistency_loss_matches_eq11_12():
     loss = attention_consistency_loss(mc, mo)
     assert loss.dim() == 0
     assert float(loss) == pytest.approx(lac_numpy(mc, mo), rel=1e-6)
-    # the paper's avg sums the whole tensor: softmax rows sum to 1, so avg = number of rows
+    # avg sums the whole tensor: softmax rows sum to 1, so avg = number of rows and the default
+    # ("mass") loss is the mean per-query squared distance between the two distributions
+    rows = 2 * 2 * 6
+    per_query = float(((mc - mo) ** 2).sum(-1).mean())
+    assert float(loss) == pytest.approx(per_query, rel=1e-6)
+    # the literal reading (MSE / avg) is that divided by the element count once more
+    literal = attention_consistency_loss(mc, mo, reading="literal")
+    assert float(literal) == pytest.approx(lac_numpy(mc, mo, "literal"), rel=1e-6)
     mse = float(((mc - mo) ** 2).mean())
-    assert float(loss) == pytest.approx(mse / (2 * 2 * 6), rel=1e-6)
+    assert float(literal) == pytest.approx(mse / rows, rel=1e-6)
+    assert float(literal) == pytest.approx(float(loss) / mc.numel(), rel=1e-6)
+
+
+def test_default_reading_does_not_shrink_with_resolution_but_literal_does():
+    """At 512^2 (4096 queries, 77 tokens) the literal reading is ~1e-9: no effect (issue 12)."""
+    g = torch.Generator().manual_seed(8)
+    vals = {}
+    for nq in (64, 4096):
+        mc = torch.softmax(torch.randn(1, nq, 77, generator=g), -1)
+        mo = torch.softmax(torch.randn(1, nq, 77, generator=g), -1)
+        vals[nq] = (float(attention_consistency_loss(mc, mo)),
+                    float(attention_consistency_loss(mc, mo, reading="literal")))
+    assert vals[4096][0] == pytest.approx(vals[64][0], rel=0.1)   # resolution-independent
+    assert 1e-3 < vals[4096][0] < 1.0
+    # the literal reading is divided by Nq * Nk once more: ~1e-7 even for unrelated maps, and it
+    # shrinks with the resolution (64x more queries -> 64x smaller)
+    assert vals[4096][1] < 1e-6 and vals[64][1] / vals[4096][1] == pytest.approx(64, rel=0.1)
+    with pytest.raises(LossInputError, match="reading"):
+        attention_consistency_loss(mc, mo, reading="paper")
 
 
 def test_attention_consistency_loss_on_non_normalised_maps_and_zero():
     mc = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     mo = torch.tensor([[0.0, 2.0], [5.0, 4.0]])
-    # MSE = (1 + 0 + 4 + 0) / 4 = 1.25 ; avg = (10 + 11) / 2 = 10.5
-    assert float(attention_consistency_loss(mc, mo)) == pytest.approx(1.25 / 10.5)
+    # summed squares = 1 + 0 + 4 + 0 = 5, MSE = 5 / 4 = 1.25 ; avg = (10 + 11) / 2 = 10.5
+    assert float(attention_consistency_loss(mc, mo)) == pytest.approx(5 / 10.5)
+    assert float(attention_consistency_loss(mc, mo, reading="literal")) == pytest.approx(1.25 / 10.5)
     assert float(attention_consistency_loss(mo, mo)) == 0.0
     # all-zero maps: avg clamped by eps, no NaN
     z = torch.zeros(2, 2)
@@ -106,7 +135,7 @@ def test_gradient_flows_to_m_c():
     assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
     # gradient w.r.t. the map itself against the closed form of mse / avg
     mc2 = mc.detach().clone().requires_grad_(True)
-    attention_consistency_loss(mc2, mo).backward()
+    attention_consistency_loss(mc2, mo, reading="literal").backward()
     n = mc2.numel()
     avg = (mc2.detach().sum() + mo.sum()) / 2
     mse = ((mc2.detach() - mo) ** 2).mean()

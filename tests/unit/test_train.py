@@ -426,3 +426,98 @@ def test_trained_adapter_samples_closer_to_the_subject():
     after, after_other = distances(trained)
     assert after < 0.5 * before, (before, after)
     assert after < 0.5 * after_other, (after, after_other)
+
+
+# --- issue 12: training-reference pairing and the two loss parts --------------------------------------
+def test_reference_pairing_other_photo_gives_another_photo_flipped_at_random():
+    got = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator, **kw):
+        got.append((x0, clip_hidden, kw))
+        return (adapter.w ** 2).sum(), torch.zeros(())
+
+    batches = _batches(3)
+    train_adapter(_Counter(), batches, step_fn, TrainSettings(epochs=8, reference_pairing="other photo", seed=2))
+    flips = 0
+    for x0, hid, kw in got:
+        target = next(i for i, b in enumerate(batches) if b.latent is x0)
+        other = next(i for i, b in enumerate(batches) if b.clip_hidden is kw["ref_clip_hidden"])
+        assert other != target  # never the photo itself
+        lat = batches[other].latent
+        flipped = torch.equal(kw["ref_latent"], torch.flip(lat, dims=(-1,)))
+        assert flipped or kw["ref_latent"] is lat
+        flips += int(flipped)
+    assert len(got) == 24 and 4 <= flips <= 20  # a random flip, not always nor never
+    got.clear()
+    # default (the paper): the photo is its own reference -- step_fn gets no other reference
+    train_adapter(_Counter(), batches, step_fn, TrainSettings(epochs=1))
+    assert all("ref_latent" not in kw for _, _, kw in got)
+    got.clear()
+    # one photo: nothing else to pair with, so the photo itself
+    train_adapter(_Counter(), batches[:1], step_fn, TrainSettings(epochs=2, reference_pairing="other photo"))
+    assert all("ref_latent" not in kw for _, _, kw in got)
+    with pytest.raises(TrainingConfigError, match="reference_pairing"):
+        TrainSettings(reference_pairing="random").validate()
+    with pytest.raises(TrainingConfigError, match="ac_reading"):
+        TrainSettings(ac_reading="paper").validate()
+
+
+def test_loss_parts_are_reported_separately():
+    parts = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator, **kw):
+        return (adapter.w ** 2).sum(), torch.tensor(0.5)
+
+    res = train_adapter(_Counter(), _batches(2), step_fn, TrainSettings(epochs=2, gamma=0.1),
+                        on_parts=lambda a, b: parts.append((a, b)))
+    assert len(parts) == 4
+    for (ldm, gac), total, l, ac in zip(parts, res.losses, res.ldm_losses, res.ac_losses):
+        assert gac == pytest.approx(0.05) and ac == pytest.approx(0.5) and ldm == l
+        assert total == pytest.approx(ldm + gac)
+    assert res.weighted_ac_losses == pytest.approx([0.05] * 4)
+    img = plot_losses(res.losses, 320, 160, parts=(("L_LDM", res.ldm_losses), ("gamma*L_ac", res.weighted_ac_losses)))
+    plain = plot_losses(res.losses, 320, 160)
+    assert img.shape == plain.shape and not np.array_equal(img, plain)
+    green = (img[..., 1].astype(int) - img[..., 0].astype(int) > 60) & (img[..., 1] > 150)
+    assert green.sum() > 20  # the L_LDM curve / label is drawn
+
+
+def _ac_share(reading):
+    """Share of gamma*L_ac in the gradient (L2 norm) of the parameters that produce M_c, one step of
+    the tiny stand-in with an adapter whose zero convs already act (mid-training)."""
+    base, adapter = TinyBase(), _adapter()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for conv in adapter.copy.zero_convs.values():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    b = _batches(1)[0]
+    params = list(adapter.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    t = torch.randint(0, 1000, (1,), generator=g)
+    noise = torch.randn(b.latent.shape, generator=g)
+    ab = torch.cos((t.float() / 1000) * math.pi / 2) ** 2 * 0.99 + 0.005
+    xt = ab.sqrt() * b.latent + (1 - ab).sqrt() * noise
+    out = adapter.copy(xt, t.float(), b.context, adapter.encode_reference(b.latent, b.clip_hidden),
+                       return_attn_map=True)
+    f = out["input_1"].transpose(1, 2).reshape(1, -1, HW, HW)
+    l_ldm = masked_ldm_loss(noise, base.conv(xt) + base.proj(f), None)
+    l_ac = attention_consistency_loss(out[ATTN_MAP_KEY], base.m_o, reading=reading)
+    g_ac = torch.autograd.grad(0.1 * l_ac, params, retain_graph=True, allow_unused=True)
+    g_ldm = torch.autograd.grad(l_ldm, params, allow_unused=True)
+    idx = [i for i, gr in enumerate(g_ac) if gr is not None and float(gr.abs().max()) > 0]
+    n_ac = math.sqrt(sum(float((g_ac[i] ** 2).sum()) for i in idx))
+    n_ldm = math.sqrt(sum(float((g_ldm[i] ** 2).sum()) for i in idx if g_ldm[i] is not None))
+    return n_ac / (n_ac + n_ldm), float(l_ldm), float(0.1 * l_ac)
+
+
+def test_l_ac_gradient_share_default_vs_literal():
+    """Issue 12: by default L_ac is a clear part of the update of the parameters producing M_c; the
+    literal Eq. 11-12 is 1/(Nq*Nk) of it (here 64 queries x 6 tokens; 4096 x 77 at 512^2)."""
+    mass, ldm, gac = _ac_share("mass")
+    literal, ldm2, gac2 = _ac_share("literal")
+    print(f"\nL_ac gradient share: default 'mass' {mass:.3f} (L_LDM {ldm:.3f}, gamma*L_ac {gac:.3g}); "
+          f"literal {literal:.2e} (gamma*L_ac {gac2:.3g})")
+    assert ldm == ldm2 and gac2 == pytest.approx(gac / (HW * HW * TOKENS), rel=1e-4)
+    assert mass > 0.01                      # measured 0.016: a clear part of the update
+    assert literal < mass / 300             # 1/(Nq*Nk) = 1/384 of it here, 1/315392 at 512^2
