@@ -69,6 +69,7 @@ __all__ = [
     "find_tokenizer",
     "ldm_state_from_diffusers",
     "new_adapter_for_unet",
+    "copy_config_for",
     "encode_reference",
     "build_step_fn",
     "generate",
@@ -495,6 +496,20 @@ def ldm_state_from_diffusers(unet_state: Mapping[str, torch.Tensor], config=None
                                  f"copy needs, e.g. {', '.join(missing[:3])}",
                                  "load an SD1.5 UNet (or an SD1.5 fine-tune)")
     return out
+
+
+def copy_config_for(unet):
+    """The :class:`~p3s_core.copy_unet.CopyUNetConfig` matching a diffusers UNet's widths (SD1.5:
+    ``CopyUNetConfig.sd15()``; tiny test UNets: their own widths)."""
+    from .copy_unet import CopyUNetConfig
+
+    c = unet.config
+    b = list(c.block_out_channels)
+    heads = c.attention_head_dim if isinstance(c.attention_head_dim, int) else c.attention_head_dim[0]
+    return CopyUNetConfig(in_channels=int(c.in_channels), model_channels=int(b[0]),
+                          channel_mult=tuple(int(x // b[0]) for x in b[:3]),
+                          context_dim=int(c.cross_attention_dim), num_heads=int(heads),
+                          time_embed_dim=4 * int(b[0]), groups=int(c.norm_num_groups))
 
 
 def new_adapter_for_unet(unet, seed: int = 0, config=None, **kwargs):
