@@ -146,6 +146,16 @@ def _refuse(path, problem: str, fix: str = "select a .safetensors adapter saved 
     return AdapterFileError(str(path), problem, fix)
 
 
+def _plausible_header(fh, head: bytes, size: int) -> bool:
+    """True when ``head`` is a safetensors header length followed by a JSON object: a header
+    length whose low byte is 0x80 (e.g. 640) starts like a pickle; the '{' after it tells them
+    apart. Leaves the file position at 8."""
+    (n,) = struct.unpack("<Q", head)
+    ok = 0 < n <= MAX_HEADER_BYTES and 8 + n <= size and fh.read(1) == b"{"
+    fh.seek(8)
+    return ok
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict]]:
     """Validate ``path`` as a real safetensors file and return ``(metadata, tensors)``.
 
@@ -165,7 +175,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], di
         if len(head) < 8:
             raise _refuse(p, f"the file is truncated or empty ({size} bytes, not a safetensors "
                           "file)")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        if (head[:2] == b"PK" or head[:1] == b"\x80") and not _plausible_header(fh, head, size):
             raise _refuse(p, "this is a pickle / PyTorch checkpoint (torch.save), not a "
                           "safetensors file; P3S never unpickles files because they can run code",
                           "use a .safetensors adapter saved by the P3S Trainer")

@@ -172,3 +172,26 @@ def test_training_step_gives_finite_losses_and_gradients_on_the_adapter_only(une
         assert not any(p.requires_grad for p in unet.parameters())
         adapter.zero_grad(set_to_none=True)
     assert all(type(p).__name__ != "P3SAttnProcessor" for p in unet.attn_processors.values())
+
+
+def test_adapter_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
+    """A safetensors header length with low byte 0x80 (the pickle magic) is a real adapter (found
+    when the command line saved one); a real pickle is still refused."""
+    import struct
+
+    from p3s_core.adapter import load_adapter, save_adapter
+    from p3s_core.errors import AdapterFileError
+
+    adapter = new_adapter(CFG, None, seed=0, clip_dim=16, encoder_inner_dim=8)
+    for pad in range(0, 400):
+        path = save_adapter(adapter, tmp_path / "a.safetensors", {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    loaded = load_adapter(path)
+    assert torch.equal(loaded.copy.conv_in.weight, adapter.copy.conv_in.weight)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "p.safetensors", _use_new_zipfile_serialization=False)
+    with pytest.raises(AdapterFileError, match="pickle"):
+        load_adapter(tmp_path / "p.safetensors")
