@@ -281,7 +281,17 @@ def train_one(pipe, clip, photos, prompt, settings, out_path, masks_dir=None, pr
     return result
 
 
+def set_threads(n: int) -> None:
+    import torch
+
+    if n < 0:
+        raise CLIInputError("threads", f"{n} is negative", "use 0 (default) or a positive thread count")
+    if n:
+        torch.set_num_threads(int(n))
+
+
 def cmd_train(args) -> int:
+    set_threads(args.threads)
     photos = list_images(args.photos)
     settings = settings_from(args)
     settings.validate(args.prompt)
@@ -400,7 +410,10 @@ def _train_args(p):
     p.add_argument("--ac-layers", default="last", choices=("last", "all"),
                    help="L_ac on the last cross-attention layer (paper) or all 16 (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="short side of the photos (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="same seed on the CPU = same adapter bytes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = torch's default). On the CPU the same seed gives the same adapter "
+                   "bytes with --threads 1 (multi-threaded reductions are not reproducible); torchrun uses 1 per process")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,28 +494,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config FILE`` its saved arguments are the defaults (so required
+    options and folders may be left out) and the arguments given now override them."""
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = ap.parse_args(argv)
-    if args.config:
-        path = Path(args.config)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config and known.command:
+        path = Path(known.config)
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise CLIInputError("config", f"{path} cannot be read as JSON ({exc})",
                                 "pass a p3s_<command>.json written by an earlier run") from exc
-        if data.get("command") != args.command:
+        if data.get("command") != known.command:
             raise CLIInputError("config", f"{path.name} is for 'p3s {data.get('command')}', not "
-                                f"'p3s {args.command}'", f"use the p3s_{args.command}.json of an earlier run")
-        sp = ap._subparsers._group_actions[0].choices[args.command]
-        known = {a.dest for a in sp._actions}
-        saved = {k: v for k, v in data.get("args", {}).items() if k in known and k != "command"}
-        for a in sp._actions:  # saved values satisfy required options
-            if a.dest in saved:
-                a.required = False
-        sp.set_defaults(**saved)
-        args = ap.parse_args(argv)
-    return args
+                                f"'p3s {known.command}'", f"use the p3s_{known.command}.json of an earlier run")
+        sp = ap._subparsers._group_actions[0].choices.get(known.command)
+        if sp is not None:
+            saved = {k: v for k, v in data.get("args", {}).items()
+                     if k in {a.dest for a in sp._actions} and k != "command"}
+            for a in sp._actions:  # saved values satisfy required options and folders
+                if a.dest in saved:
+                    a.required = False
+                    if not a.option_strings:
+                        a.nargs = "?"
+            sp.set_defaults(**saved)
+    return ap.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

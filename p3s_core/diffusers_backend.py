@@ -619,8 +619,8 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
         p = next(adapter.parameters())
         inj.i2 = adapter.encode_reference(x0.to(p.device, p.dtype), clip_hidden.to(p.device, p.dtype))
         try:
-            eps = unet(xt.to(unet_dtype), t.to(device), encoder_hidden_states=context.to(device, unet_dtype),
-                       return_dict=False)[0]
+            eps = unet(xt.to(unet_dtype), t.to(device),
+                       encoder_hidden_states=context.to(device, unet_dtype), return_dict=False)[0]
         finally:
             inj.i2 = None
         l_ldm = masked_ldm_loss(noise, eps.float(), None if mask is None else mask.to(device), bg)
