@@ -142,3 +142,51 @@ def test_mask_writes_cleaned_photos_and_masks(models, tmp_path, capsys):
     rc = cli.main(["mask", str(models["photos"]), "--points", str(tmp_path / "bad.json"),
                    "--clip-vision", str(models["clip_vision"]), "--out", str(tmp_path / "c2")])
     assert rc == 2 and "input 'points'" in capsys.readouterr().err and not (tmp_path / "c2").exists()
+
+
+def test_generate_with_a_controlnet_pipeline(models, tmp_path):
+    """StableDiffusionControlNetPipeline + P3S: the ControlNet path runs and P3S still changes it."""
+    from diffusers import ControlNetModel
+
+    from p3s_core import diffusers_backend as db
+
+    unet = db.load_unet(models["model"])
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "cn")
+    adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), clip_dim=16)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for conv in adapter.copy.zero_convs.values():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
+    save_adapter(adapter, tmp_path / "a.safetensors")
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))).save(tmp_path / "edge.png")
+    base = ["generate", "--adapter", str(tmp_path / "a.safetensors"), "--reference", str(models["photos"]),
+            "--prompt", "a sks dog", "--steps", "2", "--size", "64", "--controlnet", str(tmp_path / "cn"),
+            "--control-image", str(tmp_path / "edge.png"), *_models_args(models)]
+    assert cli.main(base + ["--out", str(tmp_path / "on")]) == 0
+    assert cli.main(base + ["--out", str(tmp_path / "off"), "--strength", "0"]) == 0
+    on = np.asarray(Image.open(tmp_path / "on" / "0" / "00.png"))
+    off = np.asarray(Image.open(tmp_path / "off" / "0" / "00.png"))
+    assert on.shape == (64, 64, 3) and not np.array_equal(on, off)
+    assert cli.main(base[:-len(_models_args(models)) - 4] + [*_models_args(models), "--out", str(tmp_path / "x"),
+                    "--controlnet", str(tmp_path / "cn")]) == 2  # a ControlNet without its image
+
+
+def test_the_node_path_never_imports_diffusers_or_transformers():
+    """ComfyUI users do not pay for diffusers: every p3s_core module the nodes import loads
+    without importing diffusers or transformers."""
+    import re
+
+    mods = set()
+    for f in (REPO / "nodes").glob("*.py"):
+        text = f.read_text()
+        mods |= set(re.findall(r"p3s_core\.(\w+)", text)) | set(re.findall(r"p3s_core import (\w+)", text))
+        for line in re.findall(r"from \.\.p3s_core import \(?([\w, ]+)", text):
+            mods |= {m.strip() for m in line.split(",") if m.strip()}
+    mods = sorted(m for m in mods if (REPO / "p3s_core" / f"{m}.py").exists())
+    assert "comfy_backend" in mods and "adapter" in mods
+    code = ("import sys, importlib\n"
+            f"for m in {mods!r}: importlib.import_module('p3s_core.' + m)\n"
+            "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]\n"
+            "print('BAD', bad)\nraise SystemExit(1 if bad else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
