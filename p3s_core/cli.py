@@ -341,10 +341,14 @@ def cmd_generate(args) -> int:
                             dtype=_dtype(args.dtype), device=dev)
     clip = load_clip_vision(args.clip_vision, dev)
     adapter.to(dev)
-    imgs = torch.cat([torch.from_numpy(_resize(read_rgb(p), args.size))[None] for p in refs[:1]] +
-                     [torch.from_numpy(_resize(read_rgb(p), args.size))[None] for p in refs[1:]
-                      if _resize(read_rgb(p), args.size).shape == _resize(read_rgb(refs[0]), args.size).shape])
-    i2 = db.encode_reference(pipe.vae, clip, imgs, adapter)
+    i2s = []  # I'' of every reference photo (Eq. 4-5), brought to the first one's size
+    for p in refs:
+        i2 = db.encode_reference(pipe.vae, clip, torch.from_numpy(_resize(read_rgb(p), args.size))[None], adapter)
+        if i2s and i2.shape[-2:] != i2s[0].shape[-2:]:
+            i2 = torch.nn.functional.interpolate(i2, size=tuple(i2s[0].shape[-2:]), mode="bilinear",
+                                                 align_corners=False)
+        i2s.append(i2)
+    i2 = torch.cat(i2s)
     out = Path(args.out) / args.dreambench if args.dreambench else Path(args.out)
     write_config(out, "generate", args)
     control = None
