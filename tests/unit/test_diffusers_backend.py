@@ -1,0 +1,197 @@
+"""The diffusers engine on tiny diffusers UNets (Eq. 6-10): processors, init mapping, training step."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from p3s_core import diffusers_backend as db
+from p3s_core.adapter import new_adapter
+from p3s_core.copy_unet import CopyUNetConfig
+from p3s_core.injection import reference_attention
+from p3s_core.schedule import P3SSchedule
+from p3s_core.train import TrainSettings
+
+CFG = CopyUNetConfig.tiny()
+
+
+def tiny_unet(seed=0):
+    """A diffusers UNet with the SD1.5 structure and the tiny copy's widths (32/64/128/128)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 128, 128), norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    with torch.no_grad():  # diffusers zero-inits nothing here, but make norms non-trivial
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return unet.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
+
+
+def active_adapter(unet, seed=1):
+    adapter = db.new_adapter_for_unet(unet, seed=0, config=CFG, clip_dim=16, encoder_inner_dim=8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in adapter.copy.zero_convs.values():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.2)
+    return adapter.eval().requires_grad_(False)
+
+
+def inputs(batch=2, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor(500),
+            torch.randn(batch, 7, 32, generator=g))
+
+
+def test_layer_keys_cover_the_16_self_attention_layers(unet):
+    names = {n[:-len(".processor")] for n in unet.attn_processors if ".attn1." in n}
+    assert set(db.DIFFUSERS_LAYER_KEYS) == names
+    assert len(set(db.DIFFUSERS_LAYER_KEYS.values())) == 16
+
+
+def test_copy_initialised_from_diffusers_matches_diffusers_blocks(unet):
+    """The hand-written copy blocks, initialised through the name map, compute what the diffusers
+    blocks compute (level 0 from x_t end to end; levels 1-3 block by block)."""
+    adapter = db.new_adapter_for_unet(unet, seed=0, config=CFG, clip_dim=16, encoder_inner_dim=8)
+    x, t, ctx = inputs()
+    seen = {}
+    hooks = [unet.down_blocks[0].attentions[0].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("l0", o[0] if isinstance(o, tuple) else o.sample))]
+    with torch.no_grad():
+        unet(x, t, encoder_hidden_states=ctx)
+        feats = adapter.copy.level_features(x, t.expand(2).float(), ctx)
+    for h in hooks:
+        h.remove()
+    ref = seen["l0"]
+    ref = ref if isinstance(ref, torch.Tensor) else ref.sample
+    assert torch.allclose(feats[0], ref, atol=1e-5), float((feats[0] - ref).abs().max())
+    temb = unet.time_embedding(unet.time_proj(t.expand(2)).float())
+    g = torch.Generator().manual_seed(4)
+    pairs = [(adapter.copy.levels[1], unet.down_blocks[1], 32), (adapter.copy.levels[2], unet.down_blocks[2], 64),
+             (adapter.copy.middle, unet.mid_block, 128)]
+    with torch.no_grad():
+        for lvl, blk, cin in pairs:
+            h = torch.randn(2, cin, 4, 4, generator=g)
+            a = lvl.st(lvl.res(h, temb), ctx)
+            r = blk.resnets[0](h, temb)
+            b = blk.attentions[0](r, encoder_hidden_states=ctx, return_dict=False)[0]
+            assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_strength_zero_and_closed_window_are_the_plain_unet_bit_for_bit(unet):
+    adapter = active_adapter(unet)
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=ctx).sample
+        with db.P3SDiffusersInjector(unet, adapter, strength=0.0):
+            off = unet(x, t, encoder_hidden_states=ctx).sample
+        late = P3SSchedule(start_percent=0.9, end_percent=1.0)  # t=500 is progress 0.5: off
+        with db.P3SDiffusersInjector(unet, adapter, schedule=late):
+            outside = unet(x, t, encoder_hidden_states=ctx).sample
+        with db.P3SDiffusersInjector(unet, adapter):
+            on = unet(x, t, encoder_hidden_states=ctx).sample
+        after = unet(x, t, encoder_hidden_states=ctx).sample
+    assert torch.equal(plain, off) and torch.equal(plain, outside)
+    assert (on - plain).abs().max() > 1e-4
+    assert torch.equal(plain, after), "removing the injector restores the plain UNet"
+
+
+def test_processor_is_eq_7_8_with_the_schedule_weight(unet):
+    """One layer's processor output equals the explicit Eq. 7-8 with f scaled by eps_t (Eq. 9-10)."""
+    adapter = active_adapter(unet)
+    x, t, ctx = inputs()
+    sched = P3SSchedule()  # paper: eps = 1 - 0.5 (t/T)^2 + 0.2
+    inj = db.P3SDiffusersInjector(unet, adapter, schedule=sched, lam=0.3)
+    eps_t = 1 - 0.5 * (500 / 999) ** 2 + 0.2
+    assert inj.step_weight(500) == pytest.approx(eps_t)
+    attn = unet.down_blocks[1].attentions[1].transformer_blocks[0].attn1
+    got = {}
+    hook = attn.register_forward_hook(lambda m, a, k, o: got.update(z=k.get("hidden_states", a[0] if a else None), out=o),
+                                      with_kwargs=True)
+    with torch.no_grad(), inj:
+        feats = inj.copy_features(x, t, ctx)
+        unet(x, t, encoder_hidden_states=ctx)
+    hook.remove()
+    z = got["z"]
+    f = feats["input_5"] * eps_t
+    ref = reference_attention(z, f, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, attn.heads, lam=0.3)
+    ref = attn.to_out[0](ref)
+    assert torch.allclose(got["out"], ref, atol=1e-5), float((got["out"] - ref).abs().max())
+
+
+def test_cond_only_touches_only_the_cond_half_of_a_cfg_batch(unet):
+    adapter = active_adapter(unet)
+    x, t, ctx = inputs(batch=4)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=ctx).sample
+        with db.P3SDiffusersInjector(unet, adapter, apply_to="cond only", cfg_batch=True):
+            half = unet(x, t, encoder_hidden_states=ctx).sample
+    assert torch.allclose(half[:2], plain[:2], atol=1e-5)
+    assert (half[2:] - plain[2:]).abs().max() > 1e-4
+
+
+def test_bad_options_raise_typed_errors(unet):
+    adapter = active_adapter(unet)
+    from p3s_core.errors import P3SError
+
+    with pytest.raises(P3SError, match="apply_to"):
+        db.P3SDiffusersInjector(unet, adapter, apply_to="uncond")
+    with pytest.raises(P3SError, match="strength"):
+        db.P3SDiffusersInjector(unet, adapter, strength=float("nan"))
+    with pytest.raises(db.ModelLoadError, match="pickled"):
+        db._check_model_path(__file__)
+
+
+def test_training_step_gives_finite_losses_and_gradients_on_the_adapter_only(unet):
+    adapter = db.new_adapter_for_unet(unet, seed=0, config=CFG, clip_dim=16, encoder_inner_dim=8)
+    for ac in ("last", "all"):
+        step_fn, close = db.build_step_fn(unet, adapter, TrainSettings(ac_layers=ac))
+        try:
+            adapter.requires_grad_(True)
+            g = torch.Generator().manual_seed(0)
+            x0 = torch.randn(1, 4, 8, 8)
+            l_ldm, l_ac = step_fn(adapter, x0, torch.randn(1, 7, 32), torch.randn(1, 5, 16), g)
+            (l_ldm + 0.1 * l_ac).backward()
+        finally:
+            close()
+        assert math.isfinite(float(l_ldm.detach())) and float(l_ac.detach()) > 0
+        grads = [p.grad for p in adapter.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(gr).all() for gr in grads)
+        # zero convs start at 0 but get gradient through the UNet's attention
+        assert adapter.copy.zero_convs["output_11"].weight.grad.abs().sum() > 0
+        assert not any(p.requires_grad for p in unet.parameters())
+        adapter.zero_grad(set_to_none=True)
+    assert all(type(p).__name__ != "P3SAttnProcessor" for p in unet.attn_processors.values())
+
+
+def test_adapter_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
+    """A safetensors header length with low byte 0x80 (the pickle magic) is a real adapter (found
+    when the command line saved one); a real pickle is still refused."""
+    import struct
+
+    from p3s_core.adapter import load_adapter, save_adapter
+    from p3s_core.errors import AdapterFileError
+
+    adapter = new_adapter(CFG, None, seed=0, clip_dim=16, encoder_inner_dim=8)
+    for pad in range(0, 400):
+        path = save_adapter(adapter, tmp_path / "a.safetensors", {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert struct.unpack("<Q", path.read_bytes()[:8])[0] % 256 == 0x80
+    loaded = load_adapter(path)
+    assert torch.equal(loaded.copy.conv_in.weight, adapter.copy.conv_in.weight)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "p.safetensors", _use_new_zipfile_serialization=False)
+    with pytest.raises(AdapterFileError, match="pickle"):
+        load_adapter(tmp_path / "p.safetensors")
