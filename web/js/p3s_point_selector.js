@@ -523,7 +523,7 @@ function setUp(node) {
   widget.serialize = false;
   sel.widget = widget;
   node.__p3sSelector = sel;
-  track(sel);
+  if (node.graph) track(sel);
   sel.draw();
   return sel;
 }
@@ -594,6 +594,13 @@ app.registerExtension({
     proto.onExecuted = function (message) {
       const r = onExecuted?.apply(this, arguments);
       if (message?.p3s_images) this.__p3sSelector?.setExecutedImages(message.p3s_images);
+      return r;
+    };
+
+    const onAdded = proto.onAdded;
+    proto.onAdded = function () {
+      const r = onAdded?.apply(this, arguments);
+      if (this.__p3sSelector) track(this.__p3sSelector); // not before: a node made and never added
       return r;
     };
 
