@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,11 @@ import pytest
 import requests
 from PIL import Image
 
-pytestmark = pytest.mark.parametrize("page", ["classic", "vue"], indirect=True)
+# Frontend 1.32 (ComfyUI 0.3.75) has the Vue nodes only as an experimental setting whose layout
+# rescales the nodes on the switch (measured: the node is not at the size and place the test gave it),
+# so there the tests run on the classic canvas; from 1.49 (ComfyUI 0.33) on both displays.
+DISPLAYS = ("classic",) if os.environ.get("P3S_COMFYUI_VERSION") == "0.3.75" else ("classic", "vue")
+pytestmark = pytest.mark.parametrize("page", DISPLAYS, indirect=True)
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "images" / "point_selector.png"
