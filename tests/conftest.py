@@ -102,17 +102,38 @@ def browser():
             b.close()
 
 
+# The displays of the frontend's graph: the classic LiteGraph canvas, and the Vue nodes ("Nodes 2.0",
+# setting `Comfy.VueNodes.Enabled`; experimental in frontend 1.32, a regular setting in 1.49).
+DISPLAYS = ("classic", "vue")
+
+# The page is ready for a user once the frontend has finished starting. Frontend 1.49 exposes
+# `window.app` (and the graph) *before* it restores the start-up workflow, and until then its
+# full-screen loading mask (PrimeVue BlockUI, shown while `app.extensionManager.spinner` is true)
+# takes every click; frontend 1.32 cleared the spinner before exposing `window.app`. A test that
+# builds or clicks earlier loses its graph to the restore or its clicks to the mask.
+PAGE_READY = """() => window.app && window.app.graph && window.LiteGraph
+  && Object.keys(LiteGraph.registered_node_types).length > 50
+  && window.app.extensionManager && window.app.extensionManager.spinner === false
+  && !document.querySelector('.p-blockui-mask')"""
+
+
 @pytest.fixture
-def page(browser, server):
-    """The real frontend, loaded, with the graph ready; console errors collected in ``page.errors``."""
-    server.post("/api/settings", {"Comfy.TutorialCompleted": True})
+def page(request, browser, server):
+    """The real frontend, loaded and ready for input; console errors collected in ``page.errors``.
+
+    ``page.display`` is "classic" (default) or "vue"; parametrize ``page`` indirectly with
+    ``DISPLAYS`` to run a test on both."""
+    display = getattr(request, "param", "classic")
+    assert display in DISPLAYS, display
+    server.post("/api/settings", {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": display == "vue"})
     ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
     pg = ctx.new_page()
     pg.errors = []
+    pg.display = display
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
     pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
-    pg.wait_for_function("() => window.app && window.app.graph && window.LiteGraph "
-                         "&& Object.keys(LiteGraph.registered_node_types).length > 50", timeout=120_000)
+    pg.wait_for_function(PAGE_READY, timeout=120_000)
+    assert pg.evaluate("() => LiteGraph.vueNodesMode === true") == (display == "vue"), display
     try:
         yield pg
     finally:

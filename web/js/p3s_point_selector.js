@@ -9,6 +9,10 @@
 //   `image` widget, before any run), or after a run from the node's `p3s_images` (every batch image).
 // - Left click: positive point (green). Right click or shift+click: negative point (red). A click on
 //   (near) an existing point removes it. The arrows step through the batch.
+// - Built on the frontend's public extension API only (registerExtension, node lifecycle callbacks,
+//   addDOMWidget, widget value/callback/hidden/options), so it works on the classic canvas of
+//   frontends 1.32 and 1.49 and in 1.49's Vue nodes ("Nodes 2.0"), where the same DOM element is
+//   mounted inside the node. Where the two displays differ, the comments below say which internal.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -460,8 +464,41 @@ class PointSelector {
 
 // ---------------------------------------------------------------------------------- registration
 function hideWidget(w) {
+  // The classic canvas (frontend 1.32 and 1.49) reads `widget.hidden`; frontend 1.49's Vue nodes
+  // ("Nodes 2.0") and its properties panel read `widget.options.hidden` instead (both are fields of
+  // the public widget interface), so set both.
   w.hidden = true;
+  w.options = w.options || {};
+  w.options.hidden = true;
   w.computeSize = () => [0, -4]; // no row left behind in the layout
+}
+
+// The classic canvas calls a DOM widget's onDraw on every frame; frontend 1.49 with "Nodes 2.0"
+// (LiteGraph.vueNodesMode) never draws nodes or widgets on the canvas, so onDraw never runs there.
+// The same cheap checks (store changed from outside, source changed, backing-store resolution)
+// also run on this timer, whatever the display.
+const live = new Set();
+let ticker = null;
+function track(sel) {
+  live.add(sel);
+  if (!ticker) ticker = setInterval(tick, 200);
+}
+function untrack(sel) {
+  live.delete(sel);
+  if (!live.size && ticker) {
+    clearInterval(ticker);
+    ticker = null;
+  }
+}
+function tick() {
+  for (const sel of live) {
+    if (!sel.node.graph) continue;
+    try {
+      sel.onGraphDraw();
+    } catch (e) {
+      console.warn("[p3s] Point Selector refresh failed", e);
+    }
+  }
 }
 
 function setUp(node) {
@@ -476,6 +513,8 @@ function setUp(node) {
   const widget = node.addDOMWidget("p3s_points_canvas", "p3s_points_canvas", sel.root, {
     serialize: false, // the points live in points_store
     hideOnZoom: false,
+    // Frontend 1.49's properties panel would mount this element there (taking it off the node).
+    hideInPanel: true,
     getValue: () => store.value,
     setValue: () => {},
     getMinHeight: () => 140,
@@ -484,6 +523,7 @@ function setUp(node) {
   widget.serialize = false;
   sel.widget = widget;
   node.__p3sSelector = sel;
+  if (node.graph) track(sel);
   sel.draw();
   return sel;
 }
@@ -557,9 +597,18 @@ app.registerExtension({
       return r;
     };
 
+    const onAdded = proto.onAdded;
+    proto.onAdded = function () {
+      const r = onAdded?.apply(this, arguments);
+      if (this.__p3sSelector) track(this.__p3sSelector); // not before: a node made and never added
+      return r;
+    };
+
     const onRemoved = proto.onRemoved;
     proto.onRemoved = function () {
-      this.__p3sSelector?.resizeObserver?.disconnect();
+      const sel = this.__p3sSelector;
+      sel?.resizeObserver?.disconnect();
+      if (sel) untrack(sel);
       return onRemoved?.apply(this, arguments);
     };
   },
