@@ -323,7 +323,7 @@ def frozen_unet_copy(model, device=None, dtype: torch.dtype | None = None):
     with torch.inference_mode(False):
         try:
             unet = type(src)(**cfg, device="meta", operations=_TorchOps)
-        except Exception as exc:  # pragma: no cover - SD1.5 configs always build (check_sd15)
+        except (TypeError, ValueError, RuntimeError) as exc:  # SD1.5 configs always build (check_sd15)
             raise ModelMismatchError("model", f"the UNet could not be rebuilt from its config ({exc})",
                                      "train on an SD1.5 checkpoint loaded with Load Checkpoint") from exc
         sd = {n: patched_weight(model, prefix + n, device, dtype) for n in unet.state_dict()}
