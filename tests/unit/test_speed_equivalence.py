@@ -143,3 +143,49 @@ def test_sdpa_route_computes_eq_7_8(dtype):
     ref = reference_attention(z, f, wq, wk, wv, heads, lam=0.2)
     tol = dict(atol=ATOL, rtol=RTOL) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(out.float(), ref, **tol)
+
+
+# --- RNGR (Eq. 1-2) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("hw", [(512, 512), (300, 700), (1000, 37), (513, 1025), (230, 100)])
+def test_letterbox_resize_equals_skimage_resize(hw):
+    import numpy as np
+    from skimage import transform
+
+    from p3s_core import rngr
+
+    img = np.random.default_rng(sum(hw)).random(hw + (3,)).astype(np.float32)
+    sq, box = rngr.letterbox(img, size=224)
+    ref = transform.resize(img, (box.new_h, box.new_w, 3), order=1, mode="edge",
+                           anti_aliasing=(box.new_h < hw[0] or box.new_w < hw[1]), preserve_range=True)
+    ours = sq[box.top:box.top + box.new_h, box.left:box.left + box.new_w]
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("r", [1, 2, 4, 7, 16, 17, 30])
+def test_grow_mask_equals_the_distance_transform(r):
+    import numpy as np
+    from scipy import ndimage
+
+    from p3s_core.rngr import grow_mask
+
+    rng = np.random.default_rng(r)
+    m = ndimage.binary_opening(rng.random((97, 131)) > 0.6)
+    assert m.any() and not m.all()
+    assert np.array_equal(grow_mask(m, r), ndimage.distance_transform_edt(~m) <= r)
+    assert np.array_equal(grow_mask(m, -r), ndimage.distance_transform_edt(m) > r)
+
+
+def test_grid_to_image_equals_the_dense_separable_product():
+    import numpy as np
+
+    from p3s_core import rngr
+
+    rng = np.random.default_rng(0)
+    for hw in [(512, 512), (200, 320), (37, 1000), (5, 5)]:
+        _, lb = rngr.letterbox(np.zeros(hw + (3,), np.float32))
+        m = rng.random((16, 16))
+        r0, r1, c0, c1 = lb.valid_patches(16)
+        wy = lb._axis_weights(hw[0], lb.src_h, lb.new_h, lb.top, 16, r0, r1)
+        wx = lb._axis_weights(hw[1], lb.src_w, lb.new_w, lb.left, 16, c0, c1)
+        np.testing.assert_allclose(lb.grid_to_image(m), wy @ m @ wx.T, atol=1e-12, rtol=0)
