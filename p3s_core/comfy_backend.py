@@ -187,6 +187,8 @@ class _ExtendedAttention:
     other attention call goes to ComfyUI's kernel unchanged. Installed only for one P3S step,
     only where no other override is set."""
 
+    routed = 0  # calls that took the fused kernel (a count for tests and the profile)
+
     def __init__(self, bank: _Bank):
         self.bank = bank
 
@@ -196,6 +198,7 @@ class _ExtendedAttention:
                 and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape")
                 and getattr(func, "__name__", "") in _MATERIALISING and q.device.type == "cpu"
                 and q.ndim == 3 and want == (q.shape[0], q.shape[1], k.shape[1])):
+            _ExtendedAttention.routed += 1
             return sdpa_attention(q, k, v, heads, kwargs.get("attn_precision"))
         return func(q, k, v, heads, *args, **kwargs)
 
@@ -368,6 +371,10 @@ def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.
     m = model.clone()
     patch = P3SInjectorPatch(adapter, i2, schedule, lam=lam, strength=strength, apply_to=apply_to,
                              model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook)
+    if patch.strength == 0.0 and feature_hook is None:
+        # Speed: weight 0 everywhere is the plain model; install nothing (no per-layer patch
+        # call, no wrapper, the adapter is not loaded with the model).
+        return m, patch
     m.set_model_attn1_patch(patch)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, patch.key, patch.diffusion_wrapper)
     m.set_additional_models(patch.key, [patch.adapter_patcher()])
