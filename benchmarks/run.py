@@ -166,13 +166,21 @@ def child(args):
         models = prof.build_models(nodes, pack, size)
         args.warmup = i == 0  # the first size warms up loads and allocations for the process
         t0 = time.time()
-        steps = bench_steps(nodes, models, size, args)
+        try:
+            steps = bench_steps(nodes, models, size, args)
+        except Exception as e:  # keep the other sizes; the report says what failed
+            runs.append({"attention": args.attention, "size": size, "error": repr(e)[:500]})
+            Path(args.child_json).write_text(json.dumps(runs))
+            continue
         row = {"attention": args.attention, "kernel": kernel, "size": size,
                "steps_per_variant": steps, "goals": goals(steps)}
         if not args.skip_profile and not past(args.stop_at):
             model, p3s, _, adapter, pos, neg, _, _ = models
-            row["profile"] = prof.profile_step(nodes, model, p3s, adapter, pos, neg, size,
-                                               args.profile_reps, layer_map)
+            try:
+                row["profile"] = prof.profile_step(nodes, model, p3s, adapter, pos, neg, size,
+                                                   args.profile_reps, layer_map)
+            except Exception as e:
+                row["profile_error"] = repr(e)[:500]
         row["wall_seconds"] = time.time() - t0
         runs.append(row)
         Path(args.child_json).write_text(json.dumps(runs))
