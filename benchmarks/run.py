@@ -144,8 +144,16 @@ def goals(steps: dict) -> dict:
             "weight0_le_1.02": r["p3s weight 0"] <= GOALS["weight0_max_ratio"]}
 
 
-def past(stop_at: float | None) -> bool:
-    return stop_at is not None and time.time() > stop_at
+#: Rough wall time of one size's stage on a busy 2-core CPU (steps, warm-up, profile), seconds;
+#: with --stop-at a stage starts only if it should end by then.
+STAGE_ESTIMATE = {("sdpa", 512): 720, ("subquad", 512): 1080}
+
+
+def past(stop_at: float | None, attention: str | None = None, size: int | None = None) -> bool:
+    if stop_at is None:
+        return False
+    need = 0 if size is None else STAGE_ESTIMATE.get((attention, size), 240 * max(1.0, (size / 256) ** 2))
+    return time.time() + need > stop_at
 
 
 def child(args):
@@ -160,9 +168,12 @@ def child(args):
     layer_map = importlib.import_module(f"{pack.__name__}.p3s_core.copy_unet").LAYER_MAP
     runs = []
     for i, size in enumerate(args.sizes):
-        if past(args.stop_at):
-            print(f"[bench] --stop-at reached: {args.attention} {size}^2 not measured", file=sys.stderr)
-            break
+        if past(args.stop_at, args.attention, size):
+            print(f"[bench] --stop-at: {args.attention} {size}^2 would not end in time, not measured",
+                  file=sys.stderr)
+            runs.append({"attention": args.attention, "size": size, "error": "not run (--stop-at)"})
+            Path(args.child_json).write_text(json.dumps(runs))
+            continue
         models = prof.build_models(nodes, pack, size)
         args.warmup = i == 0  # the first size warms up loads and allocations for the process
         t0 = time.time()
@@ -305,7 +316,7 @@ def main(argv=None):
         return write_report(result, args.out)
 
     for backend in backends:
-        if past(args.stop_at):
+        if past(args.stop_at, backend, min(args.sizes)):
             result["runs"].append({"attention": backend, "error": "not run (--stop-at)"})
             continue
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
