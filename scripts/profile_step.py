@@ -1,8 +1,9 @@
 """Where a P3S sampling step goes: the plain UNet, the copy (Eq. 6), and the extra self-attention
 of Eq. 7-8 per UNet level, measured inside real KSampler steps of the real ComfyUI.
 
-    scripts/profile_step.py --size 512 --attention sdpa      # one backend and size, prints JSON
-    scripts/profile_step.py --size 256 --attention subquad --reps 3
+    source scripts/env.sh   # P3S_VENV
+    $P3S_VENV/bin/python scripts/profile_step.py --size 512 --attention sdpa   # prints JSON
+    $P3S_VENV/bin/python scripts/profile_step.py --size 256 --attention subquad --reps 3
 
 Method: timing hooks (``time.perf_counter`` around ``forward``; a CUDA sync when on a GPU) on the
 base UNet (``diffusion_model``), on each of its 16 self-attention modules (``attn1``: projections,
@@ -10,7 +11,8 @@ kernel and output, grouped by level) and on the adapter's copy. One-step KSample
 model and of the P3S model alternate; per UNet evaluation (CFG batch of 2), the medians give
 
 - ``plain_step_s`` / ``p3s_step_s``: the whole sampling step (KSampler, one step);
-- ``plain_unet_s``: the plain UNet; ``copy_s``: the copy;
+- ``plain_unet_s``: the plain UNet; ``p3s_unet_s``: the P3S UNet call (the copy runs inside it,
+  in the DIFFUSION_MODEL wrapper); ``copy_s``: the copy;
 - ``attn1_plain_s[level]`` / ``attn1_p3s_s[level]``: self-attention time per level (0 = 64x64
   tokens at 512^2 ... 3 = middle), and ``extra_attention_s[level]`` their difference;
 - ``other_s``: what is left (wrapper, patch, concatenations, noise in the rest of the UNet).

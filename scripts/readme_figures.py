@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The README's benchmark figures, generated from the committed benchmark results.
 
     scripts/readme_figures.py            # rewrite the block of README.md between the bench markers
@@ -122,7 +123,7 @@ def render(result: dict) -> str:
 INTRO = """```bash
 scripts/bench.sh                  # 256² and 512², both attention backends, profile, RNGR, import, training
 scripts/bench.sh --sizes 512 --attention sdpa --steps 2 --reps 2 --skip-train --out /tmp/bench
-scripts/profile_step.py --size 512 --attention subquad   # where one P3S step goes, as JSON
+$P3S_VENV/bin/python scripts/profile_step.py --size 512 --attention subquad  # one step's profile (JSON)
 scripts/readme_figures.py         # this section, from benchmarks/results/bench.json
 ```
 Per-step times of plain SD1.5, + P3S, + ControlNet, + both, P3S at weight 0 and P3S with its speed-ups
