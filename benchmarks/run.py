@@ -15,7 +15,7 @@ ComfyUI's CPU default (sub-quadratic, chunked).
 
 Variants: plain, + P3S, + ControlNet, + P3S + ControlNet, P3S at weight 0, and "p3s, speed-ups
 off" (the same P3S model with the exact speed-ups of issue 14 switched off: CFG-row sharing in
-the copy and the fused-SDPA route of the extended attention; the zero convs stay token linears),
+the copy, and the opt-in SDPA route is forced off; the zero convs stay token linears),
 so before/after come from the same run.
 """
 from __future__ import annotations
