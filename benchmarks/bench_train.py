@@ -4,6 +4,7 @@
     eval "$(bash scripts/setup.sh | sed 's/^/export /')"
     $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 64 --steps 3
     $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 512 --steps 5 --checkpointing both
+    $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 64 --epoch-images 5   # + one measured epoch
     # tiny plain-torch models (no ComfyUI, seconds)
     $P3S_VENV/bin/python benchmarks/bench_train.py --tiny --steps 20
 
@@ -92,6 +93,25 @@ def _timed_steps(adapter, batches, step_fn, steps, lr, gamma, device, train):
     return rows
 
 
+def _timed_epoch(adapter, batches, step_fn, args, device, train):
+    """One epoch over ``len(batches)`` photos, measured (not a step time multiplied): the Trainer's
+    own loop (``train.train_adapter``) runs two epochs; the second, warm one is timed from the
+    optimiser step that ends the first to the one that ends the second."""
+    import torch
+
+    stamps = []
+
+    def on_step(step, total, loss):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    settings = train.TrainSettings(epochs=2, lr=1e-5, resolution=args.resolution)
+    train.train_adapter(adapter, batches, step_fn, settings, on_step=on_step, device=device)
+    n = len(batches)
+    return {"epoch_images": n, "epoch_s": round(stamps[2 * n - 1] - stamps[n - 1], 3)}
+
+
 def _summary(rows, warmup):
     use = rows[warmup:] or rows
     return {k: round(statistics.median(r[k] for r in use), 4)
@@ -130,7 +150,7 @@ def bench_comfy(args):
         model, clip, vae = nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(args.checkpoint)[:3]
         clip_vision = nodes.NODE_CLASS_MAPPINGS["CLIPVisionLoader"]().load_clip(args.clip_vision)[0]
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(2, args.resolution, args.resolution, 3, generator=g)
+    images = torch.rand(max(2, args.epoch_images), args.resolution, args.resolution, 3, generator=g)
     settings = train.TrainSettings(epochs=1, resolution=args.resolution)
     device = mm.get_torch_device()
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
@@ -154,11 +174,13 @@ def bench_comfy(args):
             setup_s = time.perf_counter() - t0
             try:
                 rows = _timed_steps(adapter, batches, ctx.step_fn, args.steps, 1e-5, 0.1, device, train)
+                epoch = _timed_epoch(adapter, batches[:args.epoch_images], ctx.step_fn, args, device, train) \
+                    if args.epoch_images else {}
             finally:
                 ctx.close()
             row = {"mode": "comfy", "device": str(device), "resolution": args.resolution,
                    "gradient_checkpointing": ckpt, "precision": args.precision, "steps": args.steps,
-                   "setup_s": round(setup_s, 2), **_summary(rows, 1),
+                   "setup_s": round(setup_s, 2), **_summary(rows, 1), **epoch,
                    "peak_rss_mib": round(_maxrss_mib(), 1),
                    "rss_before_frozen_unet_mib": None if rss_before is None else round(rss_before, 1),
                    "frozen_unet_own_mib": round(unet_own, 1)}
@@ -179,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
     ap.add_argument("--precision", choices=["auto", "fp32"], default="auto")
+    ap.add_argument("--epoch-images", type=int, default=0,
+                    help="also time one real epoch over this many photos (the Trainer's loop; 0 = off)")
     ap.add_argument("--cpu", action="store_true", help="force ComfyUI's --cpu even with a GPU")
     ap.add_argument("--checkpoint", default=os.environ.get("P3S_BENCH_CHECKPOINT", "p3s_random_sd15.safetensors"))
     ap.add_argument("--clip-vision", default=os.environ.get("P3S_BENCH_CLIP_VISION", "p3s_random_clip_vit_l14.safetensors"))

@@ -1,30 +1,45 @@
-"""One benchmark run: per-step sampling ratios, RNGR mask time, pack import time.
+"""One benchmark run: per-step sampling ratios at 256^2 and 512^2 for both attention backends,
+the profile of a P3S step, RNGR mask time, pack import time and training time per epoch.
 
-Every figure that is compared is measured in this one run, interleaved, at the same size and seed,
-and reported as a ratio to plain SD1.5 (these machines are shared and noisy). Random weights of the
-exact SD1.5 / CLIP ViT-L/14 / ControlNet shapes, so the arithmetic is the real one.
+Every figure that is compared is measured in one run, interleaved, at the same size and seed, and
+reported as a ratio to plain SD1.5 in the same process (these machines are shared and noisy).
+Random weights of the exact SD1.5 / CLIP ViT-L/14 / ControlNet shapes, so the arithmetic is real.
 
-    scripts/bench.sh                       # CPU, 256x256, writes benchmarks/results/
-    scripts/bench.sh --device cuda --size 512
+Attention backends (one child process each; ComfyUI picks its kernel at import):
+``sdpa`` = ``--use-pytorch-cross-attention`` (PyTorch SDPA, what GPU users get) and ``subquad`` =
+ComfyUI's CPU default (sub-quadratic, chunked).
+
+    scripts/bench.sh                                   # 256 and 512, both backends, writes benchmarks/results/
+    scripts/bench.sh --sizes 256 --attention sdpa --steps 2 --reps 2 --skip-train --out /tmp/b
+    scripts/readme_figures.py                          # then: the README's block from bench.json
+
+Variants: plain, + P3S, + ControlNet, + P3S + ControlNet, P3S at weight 0, and "p3s, speed-ups
+off" (the same P3S model with the exact speed-ups of issue 14 switched off: CFG-row sharing in
+the copy, and the opt-in SDPA route is forced off; the zero convs stay token linears),
+so before/after come from the same run.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import harness  # noqa: E402
 
-VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0"]
+VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0", "p3s, speed-ups off"]
+ATTENTION = ("sdpa", "subquad")
+#: Issue 14's goals at 512^2 (same run, same backend).
+GOALS = {"p3s_max_ratio": 1.3, "weight0_max_ratio": 1.02, "rngr_max_ms": 50.0}
 
 
 def summary(xs):
@@ -32,53 +47,84 @@ def summary(xs):
     return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
-def bench_steps(nodes, pack, args):
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
     import torch
 
-    core = lambda m: importlib.import_module(f"{pack.__name__}.p3s_core.{m}")  # noqa: E731
-    node = nodes.NODE_CLASS_MAPPINGS
-    with torch.inference_mode():
-        model, clip, vae = node["CheckpointLoaderSimple"]().load_checkpoint("p3s_random_sd15.safetensors")[:3]
-        clipv = node["CLIPVisionLoader"]().load_clip("p3s_random_clip_vit_l14.safetensors")[0]
-        cn = node["ControlNetLoader"]().load_controlnet("p3s_random_controlnet_sd15.safetensors")[0]
-        pos = node["CLIPTextEncode"]().encode(clip, "a photo of sks dog")[0]
-        neg = node["CLIPTextEncode"]().encode(clip, "")[0]
-        hint = torch.zeros(1, args.size, args.size, 3)
-        hint[:, args.size // 4: 3 * args.size // 4, args.size // 4: 3 * args.size // 4] = 1.0
-        cpos, cneg = node["ControlNetApplyAdvanced"]().apply_controlnet(pos, neg, cn, hint, 1.0, 0.0, 1.0, vae=vae)[:2]
-    with torch.inference_mode(False):
-        sd = {k: v.detach().clone() for k, v in core("comfy_backend").base_unet_state_dict(model).items()}
-        adapter = core("adapter").new_adapter(core("copy_unet").CopyUNetConfig.sd15(), sd, seed=0)
-        del sd
-        with torch.no_grad():
-            for conv in adapter.copy.zero_convs.values():
-                conv.weight.normal_(0, 0.01)
-    adapter = adapter.eval().requires_grad_(False)
-    ref = torch.rand(1, args.size, args.size, 3)
-    inj = node["P3SConditionInjector"]()
-    with torch.inference_mode():
-        p3s = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond")[0]
-        p3s0 = inj.inject(model, adapter, ref, vae, clipv, 0.2, 0.0, "cond and uncond")[0]
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": mem, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "os": f"{platform.system()} {platform.release()}"}
+
+
+# --- the sampling benchmark (one backend, in a child process) ---------------------------------------
+class _SpeedupsOff:
+    """The P3S model with the exact speed-ups switched off for the duration of one run."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def __enter__(self):
+        from_env = os.environ.get("P3S_EXTENDED_ATTENTION")
+        self.saved = (from_env, self.adapter.copy.share_cfg_rows)
+        os.environ["P3S_EXTENDED_ATTENTION"] = "comfy"
+        self.adapter.copy.share_cfg_rows = False
+
+    def __exit__(self, *exc):
+        from_env, share = self.saved
+        if from_env is None:
+            os.environ.pop("P3S_EXTENDED_ATTENTION", None)
+        else:
+            os.environ["P3S_EXTENDED_ATTENTION"] = from_env
+        self.adapter.copy.share_cfg_rows = share
+
+
+def bench_steps(nodes, models, size, args):
+    import contextlib
+
+    import torch
+
+    model, p3s, p3s0, adapter, pos, neg, cpos, cneg = models
     setups = {"plain": (model, pos, neg), "p3s": (p3s, pos, neg), "controlnet": (model, cpos, cneg),
-              "p3s+controlnet": (p3s, cpos, cneg), "p3s weight 0": (p3s0, pos, neg)}
-    latent = node["EmptyLatentImage"]().generate(args.size, args.size, 1)[0]
-    sampler = node["KSampler"]()
+              "p3s+controlnet": (p3s, cpos, cneg), "p3s weight 0": (p3s0, pos, neg),
+              "p3s, speed-ups off": (p3s, pos, neg)}
+    latent = nodes.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(size, size, 1)[0]
+    sampler = nodes.NODE_CLASS_MAPPINGS["KSampler"]()
 
     def run(name, steps):
         m, p, n = setups[name]
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            sampler.sample(m, 1, steps, 7.5, "ddim", "normal", p, n, latent, denoise=1.0)
-        return time.perf_counter() - t0
+        ctx = _SpeedupsOff(adapter) if name == "p3s, speed-ups off" else contextlib.nullcontext()
+        with ctx:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                sampler.sample(m, 1, steps, 7.5, "ddim", "normal", p, n, latent, denoise=1.0)
+            return time.perf_counter() - t0
 
-    for name in VARIANTS:  # warm-up: loads, allocations
-        run(name, 1)
+    if args.warmup:
+        for name in VARIANTS:  # warm-up: loads, allocations
+            run(name, 1)
     times = {name: [] for name in VARIANTS}
     for rep in range(args.reps):
         for name in (VARIANTS if rep % 2 == 0 else VARIANTS[::-1]):  # interleaved
             # per-step time: the reference encoding happens in the injector node, outside sampling,
             # so a warm KSampler run of N steps is N UNet (+ copy) evaluations and a little overhead
             times[name].append(run(name, args.steps) / args.steps)
+            print(f"[bench] {size}^2 {name}: {times[name][-1]:.3f} s/step", file=sys.stderr, flush=True)
     plain = statistics.median(times["plain"])
     out = {}
     for name in VARIANTS:
@@ -89,26 +135,95 @@ def bench_steps(nodes, pack, args):
     return out
 
 
-def bench_rngr(pack, args):
+def goals(steps: dict) -> dict:
+    r = {k: v["ratio_to_plain"] for k, v in steps.items()}
+    additive = 1 + (r["p3s"] - 1) + (r["controlnet"] - 1)
+    return {"p3s_le_1.3": r["p3s"] <= GOALS["p3s_max_ratio"],
+            "p3s_below_controlnet": r["p3s"] < r["controlnet"],
+            "p3s+controlnet_le_additive": r["p3s+controlnet"] <= additive, "additive_bound": additive,
+            "weight0_le_1.02": r["p3s weight 0"] <= GOALS["weight0_max_ratio"]}
+
+
+#: Rough wall time of one size's stage on a busy 2-core CPU (steps, warm-up, profile), seconds;
+#: with --stop-at a stage starts only if it should end by then.
+STAGE_ESTIMATE = {("sdpa", 512): 720, ("subquad", 512): 1080}
+
+
+def past(stop_at: float | None, attention: str | None = None, size: int | None = None) -> bool:
+    if stop_at is None:
+        return False
+    need = 0 if size is None else STAGE_ESTIMATE.get((attention, size), 240 * max(1.0, (size / 256) ** 2))
+    return time.time() + need > stop_at
+
+
+def child(args):
+    """One attention backend: boot ComfyUI, then per size the steps benchmark and the profile.
+    The JSON is rewritten after each size, so a run stopped later keeps what it measured."""
+    import gc
+    import importlib
+
+    import profile_step as prof
+
+    nodes, pack, kernel = prof.boot(args.attention, args.device)
+    layer_map = importlib.import_module(f"{pack.__name__}.p3s_core.copy_unet").LAYER_MAP
+    runs = []
+    for i, size in enumerate(args.sizes):
+        if past(args.stop_at, args.attention, size):
+            print(f"[bench] --stop-at: {args.attention} {size}^2 would not end in time, not measured",
+                  file=sys.stderr)
+            runs.append({"attention": args.attention, "size": size, "error": "not run (--stop-at)"})
+            Path(args.child_json).write_text(json.dumps(runs))
+            continue
+        models = prof.build_models(nodes, pack, size)
+        args.warmup = i == 0  # the first size warms up loads and allocations for the process
+        t0 = time.time()
+        try:
+            steps = bench_steps(nodes, models, size, args)
+        except Exception as e:  # keep the other sizes; the report says what failed
+            runs.append({"attention": args.attention, "size": size, "error": repr(e)[:500]})
+            Path(args.child_json).write_text(json.dumps(runs))
+            continue
+        row = {"attention": args.attention, "kernel": kernel, "size": size,
+               "steps_per_variant": steps, "goals": goals(steps)}
+        if not args.skip_profile and not past(args.stop_at):
+            model, p3s, _, adapter, pos, neg, _, _ = models
+            try:
+                row["profile"] = prof.profile_step(nodes, model, p3s, adapter, pos, neg, size,
+                                                   args.profile_reps, layer_map)
+            except Exception as e:
+                row["profile_error"] = repr(e)[:500]
+        row["wall_seconds"] = time.time() - t0
+        runs.append(row)
+        Path(args.child_json).write_text(json.dumps(runs))
+        del models
+        gc.collect()
+
+
+# --- the rest (parent process) ---------------------------------------------------------------------
+def bench_rngr(args):
     import numpy as np
 
-    rngr = importlib.import_module(f"{pack.__name__}.p3s_core.rngr")
-    points = importlib.import_module(f"{pack.__name__}.p3s_core.points")
+    sys.path.insert(0, str(REPO))
+    from p3s_core import points, rngr
+
     rng = np.random.default_rng(0)
     img = rng.random((512, 512, 3)).astype(np.float32)
     tokens = rng.standard_normal((257, 1024)).astype(np.float32)
     _, box = rngr.letterbox(img, size=224)
     pts = points.ImagePoints(positive=[(200.0, 220.0)], negative=[(400.0, 300.0)])
     times, letterbox_times = [], []
-    for _ in range(args.reps * 4):
+    for _ in range(max(args.reps * 4, 8)):
         t0 = time.perf_counter()
         rngr.letterbox(img, size=224)
         letterbox_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         rngr.rngr_mask(tokens, box, pts, (512, 512), sigma=0.75, grow=4)
         times.append(time.perf_counter() - t0)
+    total = [(a + b) * 1000 for a, b in zip(times, letterbox_times)]
     return {"mask_ms_512": summary([t * 1000 for t in times]),
-            "letterbox_ms_512": summary([t * 1000 for t in letterbox_times])}
+            "letterbox_ms_512": summary([t * 1000 for t in letterbox_times]),
+            "mask_plus_letterbox_ms_512": summary(total),
+            "goal_le_50ms": statistics.median(total) <= GOALS["rngr_max_ms"]}
 
 
 def bench_import(args):
@@ -129,93 +244,106 @@ t0 = time.perf_counter(); ok = asyncio.run(nodes.load_custom_node({str(REPO)!r})
 
 def bench_train(args):
     """benchmarks/bench_train.py in its own process (its peak memory is the process's), with and
-    without gradient checkpointing; the last JSON line of each configuration is kept."""
+    without gradient checkpointing; the last JSON line of each configuration is kept. The epoch
+    time is measured over a real epoch of ``--train-images`` photos (the Trainer's own loop)."""
     rows = []
     res = args.train_resolution or (512 if args.device == "cuda" else 64)
     for ckpt in ("off", "on"):
         cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--resolution", str(res),
-               "--steps", str(args.train_steps), "--checkpointing", ckpt] + (["--cpu"] if args.device == "cpu" else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+               "--steps", str(args.train_steps), "--checkpointing", ckpt,
+               "--epoch-images", str(args.train_images)] + (["--cpu"] if args.device == "cpu" else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             rows.append({"gradient_checkpointing": ckpt == "on", "error": proc.stderr[-500:]})
             continue
-        row = json.loads(lines[-1])
-        row["epoch_s_5_images"] = row["step_s"] * 5  # one epoch = one step per photo (batch 1)
-        rows.append(row)
+        rows.append(json.loads(lines[-1]))
     return rows
 
 
 def write_report(result, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# P3S benchmark ({result['machine']}, {result['device']}, {result['size']}², "
-             f"{result['steps']} steps x {result['reps']} reps)", "",
-             "| variant | s/step (median) | ratio to plain | ratio spread |", "|---|---|---|---|"]
-    for name, s in result["steps_per_variant"].items():
-        lines.append(f"| {name} | {s['median']:.3f} | {s['ratio_to_plain']:.3f} | "
-                     f"{s['ratio_spread'][0]:.2f}–{s['ratio_spread'][1]:.2f} |")
-    r = result["rngr"]
-    lines += ["", f"RNGR mask beyond the CLIP forward, 512²: {r['mask_ms_512']['median']:.1f} ms "
-              f"(+ letterbox {r['letterbox_ms_512']['median']:.1f} ms)",
-              f"Pack import (ComfyUI's loader, fresh process): {result['import']['seconds']['median']:.3f} s"]
-    lines += ["", "| training (64² CPU / 512² CUDA) | s/step | s/epoch (5 photos) | peak RSS MiB | peak CUDA MiB |",
-              "|---|---|---|---|---|"]
-    for row in result.get("train", []):
-        if "error" in row:
-            lines.append(f"| checkpointing {row['gradient_checkpointing']} | failed | | | |")
-            continue
-        lines.append(f"| {row['resolution']}², checkpointing {row['gradient_checkpointing']} | {row['step_s']:.2f} | "
-                     f"{row['epoch_s_5_images']:.1f} | {row.get('peak_rss_mib', '')} | {row.get('peak_cuda_mib', '-')} |")
-    (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
-    try:
-        from PIL import Image, ImageDraw
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import readme_figures
 
-        img = Image.new("RGB", (520, 40 + 40 * len(VARIANTS)), "white")
-        d = ImageDraw.Draw(img)
-        d.text((10, 8), "per-step time, ratio to plain SD1.5", fill="black")
-        top = max(s["ratio_to_plain"] for s in result["steps_per_variant"].values())
-        for i, (name, s) in enumerate(result["steps_per_variant"].items()):
-            y = 36 + 40 * i
-            w = int(300 * s["ratio_to_plain"] / max(top, 1e-9))
-            d.rectangle([150, y, 150 + w, y + 24], fill=(80, 130, 200))
-            d.text((10, y + 6), name, fill="black")
-            d.text((156 + w, y + 6), f"{s['ratio_to_plain']:.2f}x", fill="black")
-        img.save(out_dir / "bench.png")
-    except Exception as e:  # the chart is a convenience; the JSON and Markdown are the report
-        print(f"chart not written: {e}", file=sys.stderr)
-    return "\n".join(lines)
+    text = readme_figures.render(result)
+    (out_dir / "bench.md").write_text(text)
+    return text
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sizes", default="256,512", help="comma-separated image sizes (pixels)")
+    ap.add_argument("--size", type=int, help="one size (same as --sizes N)")
+    ap.add_argument("--attention", default="sdpa,subquad",
+                    help="comma-separated: sdpa (--use-pytorch-cross-attention), subquad (ComfyUI's CPU default)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--profile-reps", type=int, default=2)
+    ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--train-steps", type=int, default=3, help="timed training steps (the first is a warm-up)")
+    ap.add_argument("--train-images", type=int, default=5, help="photos in the timed training epoch")
     ap.add_argument("--train-resolution", type=int, default=0, help="default: 64 on the CPU, 512 on CUDA")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--stop-at", type=float, default=None,
+                    help="unix time after which no new stage starts (what was measured is written)")
+    ap.add_argument("--child-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    base = harness.make_base_dir(Path(tempfile.mkdtemp(prefix="p3s_bench_")))
-    nodes, pack = harness.boot_in_process(base, cpu=args.device == "cpu")
+    args.sizes = [args.size] if args.size else [int(s) for s in args.sizes.split(",") if s]
+    backends = [a for a in args.attention.split(",") if a]
+    if not set(backends) <= set(ATTENTION):
+        ap.error(f"--attention takes {', '.join(ATTENTION)}")
+    if args.child_json:
+        args.attention = backends[0]
+        return child(args)
+
     t0 = time.time()
-    result = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-              "device": args.device, "size": args.size, "steps": args.steps, "reps": args.reps,
-              "import": bench_import(args), "rngr": bench_rngr(pack, args),
-              "steps_per_variant": bench_steps(nodes, pack, args)}
-    if not args.skip_train:
-        import gc
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--stop-at" in given:  # a time limit, not a setting of the measurement
+        i = given.index("--stop-at")
+        del given[i:i + 2]
+    command = "scripts/bench.sh " + " ".join(given)
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": command.strip(), "machine": machine(), "device": args.device,
+              "sizes": args.sizes, "steps": args.steps, "reps": args.reps,
+              "sampler": "ddim, CFG 7.5, batch 1", "runs": []}
 
-        import comfy.model_management as mm
+    def save():  # after every stage: a run stopped later keeps what it measured
+        result["wall_seconds"] = time.time() - t0
+        return write_report(result, args.out)
 
-        mm.unload_all_models()  # the training process needs the memory
-        gc.collect()
+    for backend in backends:
+        if past(args.stop_at, backend, min(args.sizes)):
+            result["runs"].append({"attention": backend, "error": "not run (--stop-at)"})
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            child_json = f.name
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--attention", backend,
+               "--sizes", ",".join(map(str, args.sizes)), "--steps", str(args.steps),
+               "--reps", str(args.reps), "--profile-reps", str(args.profile_reps),
+               "--device", args.device, "--child-json", child_json]
+        cmd += (["--skip-profile"] if args.skip_profile else []) + \
+            (["--stop-at", str(args.stop_at)] if args.stop_at else [])
+        print(f"[bench] {backend}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, timeout=4 * 3600)
+        text = Path(child_json).read_text() if Path(child_json).exists() else ""
+        runs = json.loads(text) if text.strip() else []
+        result["runs"] += runs
+        if proc.returncode != 0:
+            result["runs"].append({"attention": backend, "error": f"exit code {proc.returncode} "
+                                   f"after {len(runs)} size(s)"})
+        os.unlink(child_json)
+        save()
+    result["rngr"] = bench_rngr(args)
+    result["import"] = bench_import(args)
+    save()
+    if not args.skip_train and not past(args.stop_at):
         result["train"] = bench_train(args)
-    result["wall_seconds"] = time.time() - t0
-    print(write_report(result, args.out))
-    print(f"\nwritten: {args.out}/bench.json, bench.md, bench.png ({result['wall_seconds']:.0f} s)")
+    print(save())
+    print(f"\nwritten: {args.out}/bench.json, bench.md ({result['wall_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ ComfyUI APIs this pack relies on, all present in 0.3.75 and 0.33 (look here when
   transformer_options, **kwargs)`` where ``x`` is the UNet input and ``timesteps`` the 0..999 index;
 - ``comfy.model_patcher.ModelPatcher`` / ``CoreModelPatcher`` (0.33: ``ModelPatcherDynamic`` under
   Dynamic VRAM) and ``comfy.model_management`` to load the adapter;
-- ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``.
+- ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``;
+- ``transformer_options["optimized_attention_override"]`` (``fn(func, q, k, v, heads, **kw)``,
+  where ``func`` is the attention function ComfyUI chose, e.g. ``attention_sub_quad``).
 """
 from __future__ import annotations
 
@@ -185,6 +187,59 @@ class _Bank:
     weight: float
     active: torch.Tensor | None
     lam: float
+    extended: tuple | None = None  # (batch, query tokens, key tokens) of the layer just extended
+
+
+#: ComfyUI attention functions that materialise the [heads, N, keys] score matrix on the CPU.
+_MATERIALISING = ("attention_sub_quad", "attention_split", "attention_basic")
+#: ``P3S_EXTENDED_ATTENTION=sdpa`` (opt-in) routes the extended self-attention to PyTorch SDPA on
+#: the CPU; by default ComfyUI's own kernel runs it (end-to-end equality not yet shown, see report).
+EXTENDED_ATTENTION_ENV = "P3S_EXTENDED_ATTENTION"
+
+
+class _ExtendedAttention:
+    """Speed (exact): on the CPU, the self-attention that Eq. 7-8 extends to 2N keys runs through
+    PyTorch's fused SDPA kernel (blocked, no score matrix in memory) where ComfyUI's choice would
+    materialise the scores (its CPU default, sub-quadratic attention, writes a [B*heads, N, 2N]
+    float32 matrix: 2 GiB per layer at 512^2). Same softmax(QK'^T/sqrt(d))V' in float32; every
+    other attention call goes to ComfyUI's kernel unchanged. Installed only for one P3S step,
+    only where no other override is set."""
+
+    routed = 0  # calls that took the fused kernel (a count for tests and the profile)
+
+    def __init__(self, bank: _Bank):
+        self.bank = bank
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        want, self.bank.extended = self.bank.extended, None
+        if (want is not None and not args and kwargs.get("mask") is None
+                and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape")
+                and getattr(func, "__name__", "") in _MATERIALISING and q.device.type == "cpu"
+                and q.ndim == 3 and want == (q.shape[0], q.shape[1], k.shape[1])):
+            _ExtendedAttention.routed += 1
+            return sdpa_attention(q, k, v, heads, kwargs.get("attn_precision"))
+        return func(q, k, v, heads, *args, **kwargs)
+
+
+def sdpa_attention(q, k, v, heads: int, attn_precision=None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` per head with ComfyUI's [B, tokens, heads*d] layout, through
+    ``torch.nn.functional.scaled_dot_product_attention`` (float32 when ComfyUI asks for it)."""
+    b, nq, inner = q.shape
+    d = inner // heads
+    dtype = q.dtype
+    if attn_precision == torch.float32 and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, nq, inner).to(dtype)
+
+
+def _route_extended_attention(options: dict, bank: _Bank) -> None:
+    import os
+
+    if os.environ.get(EXTENDED_ATTENTION_ENV, "comfy") == "sdpa" \
+            and "optimized_attention_override" not in options:
+        options["optimized_attention_override"] = _ExtendedAttention(bank)
 
 
 class P3SInjectorPatch:
@@ -265,25 +320,31 @@ class P3SInjectorPatch:
         active = self._active_rows(x.shape[0], transformer_options.get("cond_or_uncond"))
         if active is not None and not bool(active.any()):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        feats = self.copy_features(x, timesteps, context)
+        feats = self.copy_features(x, timesteps, context, active)
         options = dict(transformer_options)
-        options[self.key] = _Bank(features=feats, weight=weight, active=active, lam=self.lam)
+        options[self.key] = bank = _Bank(features=feats, weight=weight, active=active, lam=self.lam)
+        _route_extended_attention(options, bank)
         return executor(x, timesteps, context, y, control, options, **kwargs)
 
-    def copy_features(self, x, timesteps, context):
+    def copy_features(self, x, timesteps, context, active=None):
         """Eq. 6 once per step: the copy on x_t + I'' (I'' fitted to x_t without stretching).
 
         ``reference_mode`` "one reference": reference ``reference_index`` only. "average copy
         features": the copy runs once per reference and its features are averaged (N times the
-        copy's cost per step)."""
+        copy's cost per step). With an ``active`` row mask (``cond only``) the copy runs on the
+        active rows only (no layer reads the others' features); theirs are zeros of the right shape."""
         from .encoder import aspects_differ, check_reference_index, prepare_reference
 
         p = next(self.adapter.parameters())
         dev, dt = p.device, p.dtype
         want_map = self.feature_hook is not None
+        rows = None
+        if active is not None and not want_map and not bool(active.all()):
+            rows = torch.nonzero(active.to(x.device)).flatten()
+            full, x, timesteps, context = x.shape[0], x[rows], timesteps[rows], context[rows]
+        xs, ts, cs = x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt)
         if self.i2 is None:
-            out = self.adapter.copy(x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt), None,
-                                    return_attn_map=want_map)
+            out = self.adapter.copy(xs, ts, cs, None, return_attn_map=want_map)
         else:
             size = tuple(x.shape[-2:])
             self._warn_aspect(aspects_differ, size)
@@ -295,8 +356,7 @@ class P3SInjectorPatch:
             out = None
             for i in indices:
                 ref = prepare_reference(i2, x.shape[0], size, index=i)
-                one = self.adapter.copy(x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt), ref,
-                                        return_attn_map=want_map)
+                one = self.adapter.copy(xs, ts, cs, ref, return_attn_map=want_map)
                 if out is None:
                     out = dict(one)
                 else:
@@ -306,6 +366,9 @@ class P3SInjectorPatch:
                 out = {k: v / len(indices) for k, v in out.items()}
         if self.feature_hook is not None:
             self.feature_hook(out)
+        if rows is not None:
+            out = {key: f.new_zeros((full,) + tuple(f.shape[1:])).index_copy_(0, rows.to(f.device), f)
+                   for key, f in out.items()}
         return out
 
     def _warn_aspect(self, aspects_differ, size) -> None:
@@ -346,6 +409,8 @@ class P3SInjectorPatch:
         active = bank.active.to(n.device) if bank.active is not None else None
         if context_attn1 is n and value_attn1 is n:
             context, value = injected_context_value(n, f, bank.weight, bank.lam, active)
+            if context is not n:  # see _ExtendedAttention
+                bank.extended = (n.shape[0], n.shape[1], context.shape[1])
             return n, context, value
         # Chained after another patch that already extended K/V (a second injector): append our tokens
         # and add lam*f to z's part of V (Eq. 7). Inactive rows append zero features here, which is
@@ -370,6 +435,10 @@ def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.
     patch = P3SInjectorPatch(adapter, i2, schedule, lam=lam, strength=strength, apply_to=apply_to,
                              model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook,
                              reference_index=reference_index, reference_mode=reference_mode)
+    if patch.strength == 0.0 and feature_hook is None:
+        # Speed: weight 0 everywhere is the plain model; install nothing (no per-layer patch
+        # call, no wrapper, the adapter is not loaded with the model).
+        return m, patch
     m.set_model_attn1_patch(patch)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, patch.key, patch.diffusion_wrapper)
     m.set_additional_models(patch.key, [patch.adapter_patcher()])

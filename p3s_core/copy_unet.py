@@ -298,8 +298,17 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, context_dim, heads, d_head, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False):
-        x = self.attn1(self.norm1(x)) + x
+    def self_part(self, x: torch.Tensor) -> torch.Tensor:
+        """The self-attention half: it reads no text context, so rows with equal input share it."""
+        return self.attn1(self.norm1(x)) + x
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False,
+                expand: torch.Tensor | None = None):
+        """``expand`` (a row index): ``x`` holds only the distinct rows; the self-attention runs on
+        them and its output is expanded to the full batch before the text cross-attention."""
+        x = self.self_part(x)
+        if expand is not None:
+            x = x.index_select(0, expand)
         probs = None
         if return_attn:
             a, probs = self.attn2(self.norm2(x), context, return_probs=True)
@@ -322,15 +331,21 @@ class SpatialTransformer(nn.Module):
             [BasicTransformerBlock(channels, heads, context_dim, dropout)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False):
-        b, c, h, w = x.shape
+    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False,
+                expand: torch.Tensor | None = None):
+        """``expand``: see :meth:`BasicTransformerBlock.forward` (``x`` holds the distinct rows;
+        the output has the full batch)."""
         t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        if expand is not None:
+            x = x.index_select(0, expand)
+        b, c, h, w = x.shape
         probs = None
-        for blk in self.transformer_blocks:
+        for i, blk in enumerate(self.transformer_blocks):
+            e = expand if i == 0 else None
             if return_attn:
-                t, probs = blk(t, context, return_attn=True)
+                t, probs = blk(t, context, return_attn=True, expand=e)
             else:
-                t = blk(t, context)
+                t = blk(t, context, expand=e)
         out = x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
         return (out, probs) if return_attn else out
 
@@ -351,6 +366,31 @@ class _Level(nn.Module):
         super().__init__()
         self.res = ResBlock(cin, cfg.time_embed_dim, cout, cfg.groups, cfg.dropout)
         self.st = SpatialTransformer(cout, cfg.num_heads, cfg.context_dim, cfg.groups, cfg.dropout)
+
+
+def distinct_rows(x: torch.Tensor, timesteps: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(firsts, inv)``: the first row of each distinct ``(x, timesteps)`` row and, per row, the
+    index of its distinct row (``x == x[firsts][inv]``); None when every row is distinct. A CFG batch holds the same ``x_t`` and ``t`` in its cond
+    and uncond halves, so the part of the copy that does not read the text context (Eq. 6: time
+    embedding, ``conv_in``, level 0's ResBlock and self-attention) is computed once per distinct
+    row. Rows compare bit for bit (``torch.equal``), so the result is the same computation."""
+    b = x.shape[0]
+    if b < 2:
+        return None
+    firsts: list[int] = []
+    inv: list[int] = []
+    for i in range(b):
+        for pos, j in enumerate(firsts):
+            if bool(timesteps[i] == timesteps[j]) and torch.equal(x[i], x[j]):
+                inv.append(pos)
+                break
+        else:
+            firsts.append(i)
+            inv.append(len(firsts) - 1)
+    if len(firsts) == b:
+        return None
+    return torch.tensor(firsts, device=x.device), torch.tensor(inv, device=x.device)
 
 
 def _zero_conv(channels: int) -> nn.Conv2d:
@@ -382,6 +422,9 @@ class P3SCopyUNet(nn.Module):
         self.layer_map = layer_map(cfg)
         self.zero_convs = nn.ModuleDict({e["key"]: _zero_conv(e["channels"])
                                          for e in self.layer_map})
+        #: Speed switch (exact within float rounding; tests/unit/test_speed_equivalence.py): compute
+        #: the context-free start of the copy once per distinct row of a CFG batch.
+        self.share_cfg_rows = True
 
     def level_features(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                        ref: torch.Tensor | None = None, return_attn_map: bool = False):
@@ -406,6 +449,11 @@ class P3SCopyUNet(nn.Module):
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(b)
         dtype = self.conv_in.weight.dtype
+        rows = distinct_rows(x_t, timesteps) if self.share_cfg_rows else None
+        inv = None
+        if rows is not None:  # the context-free start once per distinct row
+            firsts, inv = rows
+            x_t, timesteps = x_t.index_select(0, firsts), timesteps.index_select(0, firsts)
         temb = timestep_embedding(timesteps, cfg.model_channels).to(dtype)
         emb = self.time_embed(temb)
         h = self.conv_in(x_t.to(dtype))
@@ -413,10 +461,13 @@ class P3SCopyUNet(nn.Module):
         feats, amap = [], None
         for i, (level, down) in enumerate(zip(self.levels, self.downs)):
             h = level.res(h, emb)
+            e = inv if i == 0 else None
             if i == 0 and return_attn_map:
-                h, amap = level.st(h, context, return_attn=True)
+                h, amap = level.st(h, context, return_attn=True, expand=e)
             else:
-                h = level.st(h, context)
+                h = level.st(h, context, expand=e)
+            if i == 0 and inv is not None:
+                emb = emb.index_select(0, inv)
             feats.append(h)
             h = down(h)
         h = self.middle.res(h, emb)
@@ -437,9 +488,15 @@ class P3SCopyUNet(nn.Module):
         res = self.level_features(x_t, timesteps, context, ref, return_attn_map)
         feats, amap = res if return_attn_map else (res, None)
         out: dict[str, torch.Tensor] = {}
+        tokens: dict[int, torch.Tensor] = {}
         for e in self.layer_map:
-            f = self.zero_convs[e["key"]](feats[e["level"]])
-            out[e["key"]] = f.flatten(2).transpose(1, 2)
+            # Z_i, a 1x1 conv, as a linear map on the level's tokens (computed once per level):
+            # the same arithmetic, with [B, h*w, C] outputs already in ComfyUI's token layout.
+            lvl = e["level"]
+            if lvl not in tokens:
+                tokens[lvl] = feats[lvl].flatten(2).transpose(1, 2).contiguous()
+            conv = self.zero_convs[e["key"]]
+            out[e["key"]] = F.linear(tokens[lvl], conv.weight.flatten(1), conv.bias)
         if return_attn_map:
             out[ATTN_MAP_KEY] = amap
         return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -108,22 +109,28 @@ class Letterbox:
         col = min(max(int(math.floor(u / p)), c0), c1)
         return row, col
 
-    def _axis_weights(self, n_out: int, src: int, new: int, offset: int, grid: int,
-                      lo: int, hi: int) -> np.ndarray:
-        """``[n_out, grid]`` linear-interpolation matrix from patch centres to output pixels."""
+    def _axis_taps(self, n_out: int, src: int, new: int, offset: int, grid: int,
+                   lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Linear interpolation from patch centres to ``n_out`` output pixels as two taps per
+        pixel: ``(i0, i1, frac)`` with ``value = (1 - frac) * v[i0] + frac * v[i1]``."""
         p = self.size / grid
         centres = (np.arange(n_out, dtype=np.float64) + 0.5) * (src / n_out)  # source pixels
         g = (offset + centres * new / src) / p - 0.5  # grid coordinate (patch centres at ints)
         g = np.clip(g, lo, hi)
-        w = np.zeros((n_out, grid), dtype=np.float64)
         if hi == lo:
-            w[:, lo] = 1.0
-            return w
+            i0 = np.full(n_out, lo, dtype=np.int64)
+            return i0, i0, np.zeros(n_out)
         i0 = np.minimum(np.floor(g).astype(np.int64), hi - 1)
-        frac = g - i0
+        return i0, i0 + 1, g - i0
+
+    def _axis_weights(self, n_out: int, src: int, new: int, offset: int, grid: int,
+                      lo: int, hi: int) -> np.ndarray:
+        """``[n_out, grid]`` linear-interpolation matrix from patch centres to output pixels."""
+        i0, i1, frac = self._axis_taps(n_out, src, new, offset, grid, lo, hi)
+        w = np.zeros((n_out, grid), dtype=np.float64)
         rows = np.arange(n_out)
         w[rows, i0] = 1.0 - frac
-        w[rows, i0 + 1] += frac
+        w[rows, i1] += frac
         return w
 
     def grid_to_image(self, grid_map: np.ndarray, out_h: int | None = None,
@@ -145,9 +152,12 @@ class Letterbox:
         out_h = self.src_h if out_h is None else int(out_h)
         out_w = self.src_w if out_w is None else int(out_w)
         r0, r1, c0, c1 = self.valid_patches(grid)
-        wy = self._axis_weights(out_h, self.src_h, self.new_h, self.top, grid, r0, r1)
-        wx = self._axis_weights(out_w, self.src_w, self.new_w, self.left, grid, c0, c1)
-        return wy @ m @ wx.T
+        # the separable product wy @ m @ wx.T with its two taps per pixel as gathers (speed: no
+        # multithreaded BLAS call on a 512 x 16 x 512 product, which is slow on a busy CPU)
+        y0, y1, fy = self._axis_taps(out_h, self.src_h, self.new_h, self.top, grid, r0, r1)
+        x0, x1, fx = self._axis_taps(out_w, self.src_w, self.new_w, self.left, grid, c0, c1)
+        cols = m[:, x0] * (1.0 - fx) + m[:, x1] * fx                     # [grid, out_w]
+        return cols[y0] * (1.0 - fy)[:, None] + cols[y1] * fy[:, None]
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
@@ -172,6 +182,42 @@ def _check_image(image: Any, name: str = "image") -> np.ndarray:
     return img
 
 
+@lru_cache(maxsize=32)
+def _resize_matrix(n_in: int, n_out: int, anti_aliasing: bool):
+    """The ``[n_out, n_in]`` sparse matrix of ``skimage.transform.resize`` along one axis (order 1,
+    ``mode="edge"``): the anti-aliasing Gaussian (sigma ``(n_in / n_out - 1) / 2``, scipy's
+    ``mode="nearest"``) followed by ``scipy.ndimage.zoom`` (linear, ``grid_mode=True``), both
+    linear and separable, so built once by running them on the identity."""
+    from scipy import sparse
+
+    sigma = max(0.0, (n_in / n_out - 1) / 2)
+    blocks = []
+    for j0 in range(0, n_in, 256):  # columns in blocks: memory n_in x 256, any image size
+        eye = np.zeros((n_in, min(256, n_in - j0)))
+        eye[np.arange(j0, j0 + eye.shape[1]), np.arange(eye.shape[1])] = 1.0
+        if anti_aliasing and sigma > 0:
+            eye = ndimage.gaussian_filter1d(eye, sigma, axis=0, mode="nearest")
+        m = ndimage.zoom(eye, (n_out / n_in, 1.0), order=1, mode="nearest", grid_mode=True)
+        m[np.abs(m) < 1e-12] = 0.0
+        blocks.append(sparse.csc_matrix(m))
+    return sparse.hstack(blocks).tocsr()
+
+
+def _resize_separable(img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """``skimage.transform.resize(img, (new_h, new_w, c), order=1, mode="edge", anti_aliasing=
+    <shrinking>, preserve_range=True)`` as two sparse matrix products (speed: about 10x fewer
+    operations than filtering the full-size image, the same weights; float32 result within
+    1e-5 of skimage's, clipped to the input's range as skimage does)."""
+    h, w, c = img.shape
+    aa = new_h < h or new_w < w
+    ry, rx = _resize_matrix(h, new_h, aa), _resize_matrix(w, new_w, aa)
+    x = np.asarray(img, dtype=np.float64)
+    t = (ry @ x.reshape(h, w * c)).reshape(new_h, w, c)            # rows
+    t = (rx @ t.transpose(1, 0, 2).reshape(w, new_h * c))          # columns
+    out = t.reshape(new_w, new_h, c).transpose(1, 0, 2)
+    return np.clip(out, img.min(), img.max()).astype(np.float32)
+
+
 def letterbox(image: np.ndarray, size: int = 224, fill: float = 0.5) -> tuple[np.ndarray, Letterbox]:
     """Fit the WHOLE image into a ``size`` x ``size`` square (for the CLIP patch grid).
 
@@ -193,8 +239,7 @@ def letterbox(image: np.ndarray, size: int = 224, fill: float = 0.5) -> tuple[np
     if (new_h, new_w) == (h, w):
         resized = img.astype(np.float32)
     else:
-        resized = transform.resize(img, (new_h, new_w, c), order=1, mode="edge",
-                                   anti_aliasing=(new_h < h or new_w < w), preserve_range=True)
+        resized = _resize_separable(img, new_h, new_w)
     out = np.full((size, size, c), fill, dtype=np.float32)
     out[top:top + new_h, left:left + new_w] = resized
     return out, Letterbox(src_h=h, src_w=w, size=size, new_h=new_h, new_w=new_w, top=top, left=left)
@@ -253,7 +298,7 @@ def similarity_map(patch_tokens: Any, points_rc: Sequence[tuple[int, int]]) -> n
             raise PointsError("points", f"patch ({r}, {c}) is outside the {g} x {g} patch grid",
                               "map image points with Letterbox.image_to_patch")
         idx.append(int(r) * g + int(c))
-    sims = unit[idx] @ unit.T
+    sims = np.einsum("kd,nd->kn", unit[idx], unit)  # not a BLAS call: see grid_to_image
     return np.clip(sims.max(axis=0), -1.0, 1.0).reshape(g, g)
 
 
@@ -344,8 +389,10 @@ def keep_components(fg: np.ndarray, points_xy: Sequence[tuple[float, float]],
 def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     """Grow (``pixels > 0``) or shrink (``pixels < 0``) a bool mask by a disk of that radius.
 
-    Same result as ``skimage.morphology.binary_dilation(mask, disk(pixels))`` but through a
-    Euclidean distance transform, which costs the same for any radius.
+    Same result as ``skimage.morphology.binary_dilation(mask, disk(pixels))``. Speed: up to a
+    radius of 16 the disk is taken row by row (a 1-D maximum filter per half-width, shifted and
+    OR-ed: a few passes over the mask); larger radii use a Euclidean distance transform, which
+    costs the same for any radius.
     """
     if not isinstance(pixels, (int, np.integer)) or isinstance(pixels, bool):
         raise RNGRSettingsError("grow", f"grow must be a whole number of pixels, got {pixels!r}",
@@ -356,10 +403,38 @@ def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     if pixels > 0:
         if m.all():
             return m.copy()
+        if pixels <= _DISK_ROWS_MAX:
+            return _dilate_disk(m, int(pixels))
         return ndimage.distance_transform_edt(~m) <= pixels
     if m.all():
         return m.copy()
+    if -pixels <= _DISK_ROWS_MAX:
+        return ~_dilate_disk(~m, int(-pixels))
     return ndimage.distance_transform_edt(m) > -pixels
+
+
+_DISK_ROWS_MAX = 16
+
+
+def _dilate_disk(m: np.ndarray, r: int) -> np.ndarray:
+    """Dilation by the disk ``dx^2 + dy^2 <= r^2`` (nothing outside the image counts): for each
+    row offset ``dy`` the half-width is ``isqrt(r^2 - dy^2)``; a 1-D maximum filter of that width,
+    shifted by ``dy``. Exact (integer arithmetic), equal to ``distance_transform_edt(~m) <= r``."""
+    h, w = m.shape
+    out = np.zeros_like(m)
+    rows: dict[int, np.ndarray] = {}
+    for dy in range(-r, r + 1):
+        if abs(dy) >= h:
+            continue
+        half = math.isqrt(r * r - dy * dy)
+        if half not in rows:
+            rows[half] = ndimage.maximum_filter1d(m, size=2 * half + 1, axis=1, mode="constant", cval=0)
+        src = rows[half]
+        if dy >= 0:
+            out[dy:] |= src[:h - dy]
+        else:
+            out[:h + dy] |= src[-dy:]
+    return out
 
 
 def _patch_radius(box: Letterbox, grid: int, image_hw: tuple[int, int]) -> int:
