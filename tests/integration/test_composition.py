@@ -34,8 +34,9 @@ class Core:
 
 
 CORE = {
+    # PAG perturbs the middle block's self-attention, an identity on the 1x1 middle of an 8x8 latent.
     "PerturbedAttentionGuidance": Core(
-        "nodes_pag", lambda c, m, k: _out(c.node("PerturbedAttentionGuidance").execute(m, 3.0)),
+        "nodes_pag", lambda c, m, k: _out(c.node("PerturbedAttentionGuidance").execute(m, 3.0)), size=128,
         what="attn1 replace of the middle block in an extra UNet pass (post-CFG)"),
     # SAG's blur map needs at least a 2x2 middle block (it fails alone on an 8x8 latent).
     "SelfAttentionGuidance": Core(
