@@ -80,18 +80,11 @@ class _SpeedupsOff:
         self.adapter = adapter
 
     def __enter__(self):
-        from_env = os.environ.get("P3S_EXTENDED_ATTENTION")
-        self.saved = (from_env, self.adapter.copy.share_cfg_rows)
-        os.environ["P3S_EXTENDED_ATTENTION"] = "comfy"
+        self.saved = self.adapter.copy.share_cfg_rows
         self.adapter.copy.share_cfg_rows = False
 
     def __exit__(self, *exc):
-        from_env, share = self.saved
-        if from_env is None:
-            os.environ.pop("P3S_EXTENDED_ATTENTION", None)
-        else:
-            os.environ["P3S_EXTENDED_ATTENTION"] = from_env
-        self.adapter.copy.share_cfg_rows = share
+        self.adapter.copy.share_cfg_rows = self.saved
 
 
 def bench_steps(nodes, models, size, args):

@@ -8,13 +8,15 @@ ComfyUI APIs this pack relies on, all present in 0.3.75 and 0.33 (look here when
 - the attn1 patch signature ``fn(n, context, value, extra_options)`` with ``extra_options`` holding
   ``block``, ``block_index``, ``cond_or_uncond``, ``sigmas``, ``original_shape`` and any key added to
   ``transformer_options`` by a diffusion-model wrapper;
+- ``transformer_options["patches_replace"]["attn1"]`` keyed ``(block_name, number[, index])`` (another
+  node's attention replacement, e.g. PAG / SAG: P3S leaves those layers to it),
+  ``transformer_options["patches"]["attn1_patch"]`` (the other nodes' attn1 patches, named in errors),
+  and ``extra_options`` being one fresh dict per transformer-block call (P3S counts its K/V slots there);
 - the DIFFUSION_MODEL wrapper signature ``fn(executor, x, timesteps, context, y, control,
   transformer_options, **kwargs)`` where ``x`` is the UNet input and ``timesteps`` the 0..999 index;
 - ``comfy.model_patcher.ModelPatcher`` / ``CoreModelPatcher`` (0.33: ``ModelPatcherDynamic`` under
   Dynamic VRAM) and ``comfy.model_management`` to load the adapter;
-- ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``;
-- ``transformer_options["optimized_attention_override"]`` (``fn(func, q, k, v, heads, **kw)``,
-  where ``func`` is the attention function ComfyUI chose, e.g. ``attention_sub_quad``).
+- ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ModelMismatchError
-from .injection import DEFAULT_LAMBDA, injected_context_value
+from .injection import DEFAULT_LAMBDA, append_kv_slot, injected_context_value, interleave_slots
 
 APPLY_TO = ("cond and uncond", "cond only")
 CLIP_VIT_L = {"hidden": 1024, "patch": 14, "image_size": 224, "tokens": 257}
@@ -187,59 +189,39 @@ class _Bank:
     weight: float
     active: torch.Tensor | None
     lam: float
-    extended: tuple | None = None  # (batch, query tokens, key tokens) of the layer just extended
+    replaced: frozenset = frozenset()  # attn1 blocks another node replaced in this model call
+    others: tuple = ()  # names of the other nodes' attn1 patches (for error messages)
 
 
-#: ComfyUI attention functions that materialise the [heads, N, keys] score matrix on the CPU.
-_MATERIALISING = ("attention_sub_quad", "attention_split", "attention_basic")
-#: ``P3S_EXTENDED_ATTENTION=sdpa`` (opt-in) routes the extended self-attention to PyTorch SDPA on
-#: the CPU; by default ComfyUI's own kernel runs it (end-to-end equality not yet shown, see report).
-EXTENDED_ATTENTION_ENV = "P3S_EXTENDED_ATTENTION"
+#: ``extra_options`` key (one dict per transformer-block call) counting the K/V entries per token
+#: after the P3S patches that already ran in this block: 1 = the layer's own z.
+KV_SLOTS = "p3s_kv_slots"
+
+#: core nodes whose attention patches P3S can name in an error (module of the patch -> node)
+_KNOWN_PATCHES = {
+    "nodes_hypertile": "HyperTile", "nodes_tomesd": "TomePatchModel (ToMe)",
+    "nodes_hypernetwork": "Load Hypernetwork", "nodes_pag": "Perturbed-Attention Guidance",
+    "nodes_sag": "Self-Attention Guidance", "nodes_nag": "Normalized Attention Guidance",
+}
 
 
-class _ExtendedAttention:
-    """Speed (exact): on the CPU, the self-attention that Eq. 7-8 extends to 2N keys runs through
-    PyTorch's fused SDPA kernel (blocked, no score matrix in memory) where ComfyUI's choice would
-    materialise the scores (its CPU default, sub-quadratic attention, writes a [B*heads, N, 2N]
-    float32 matrix: 2 GiB per layer at 512^2). Same softmax(QK'^T/sqrt(d))V' in float32; every
-    other attention call goes to ComfyUI's kernel unchanged. Installed only for one P3S step,
-    only where no other override is set."""
-
-    routed = 0  # calls that took the fused kernel (a count for tests and the profile)
-
-    def __init__(self, bank: _Bank):
-        self.bank = bank
-
-    def __call__(self, func, q, k, v, heads, *args, **kwargs):
-        want, self.bank.extended = self.bank.extended, None
-        if (want is not None and not args and kwargs.get("mask") is None
-                and not kwargs.get("skip_reshape") and not kwargs.get("skip_output_reshape")
-                and getattr(func, "__name__", "") in _MATERIALISING and q.device.type == "cpu"
-                and q.ndim == 3 and want == (q.shape[0], q.shape[1], k.shape[1])):
-            _ExtendedAttention.routed += 1
-            return sdpa_attention(q, k, v, heads, kwargs.get("attn_precision"))
-        return func(q, k, v, heads, *args, **kwargs)
+def describe_patch(fn) -> str:
+    """A user-facing name for another node's attention patch: the core node, or module.function."""
+    mod = getattr(fn, "__module__", None) or type(fn).__module__
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    for key, node in _KNOWN_PATCHES.items():
+        if key in (mod or ""):
+            return f"'{node}'"
+    return f"the attention patch {mod}.{name}"
 
 
-def sdpa_attention(q, k, v, heads: int, attn_precision=None) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` per head with ComfyUI's [B, tokens, heads*d] layout, through
-    ``torch.nn.functional.scaled_dot_product_attention`` (float32 when ComfyUI asks for it)."""
-    b, nq, inner = q.shape
-    d = inner // heads
-    dtype = q.dtype
-    if attn_precision == torch.float32 and dtype != torch.float32:
-        q, k, v = q.float(), k.float(), v.float()
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, nq, inner).to(dtype)
+def _replaced_attn1(transformer_options) -> frozenset:
+    return frozenset((transformer_options.get("patches_replace") or {}).get("attn1", {}) or ())
 
 
-def _route_extended_attention(options: dict, bank: _Bank) -> None:
-    import os
-
-    if os.environ.get(EXTENDED_ATTENTION_ENV, "comfy") == "sdpa" \
-            and "optimized_attention_override" not in options:
-        options["optimized_attention_override"] = _ExtendedAttention(bank)
+def _other_attn1_patches(transformer_options) -> tuple:
+    patches = (transformer_options.get("patches") or {}).get("attn1_patch", ())
+    return tuple(dict.fromkeys(describe_patch(p) for p in patches if not isinstance(p, P3SInjectorPatch)))
 
 
 class P3SInjectorPatch:
@@ -322,8 +304,9 @@ class P3SInjectorPatch:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         feats = self.copy_features(x, timesteps, context, active)
         options = dict(transformer_options)
-        options[self.key] = bank = _Bank(features=feats, weight=weight, active=active, lam=self.lam)
-        _route_extended_attention(options, bank)
+        options[self.key] = _Bank(features=feats, weight=weight, active=active, lam=self.lam,
+                                  replaced=_replaced_attn1(transformer_options),
+                                  others=_other_attn1_patches(transformer_options))
         return executor(x, timesteps, context, y, control, options, **kwargs)
 
     def copy_features(self, x, timesteps, context, active=None):
@@ -388,40 +371,61 @@ class P3SInjectorPatch:
                 ref_hw[1] / ref_hw[0], size[0], size[1], size[1] / size[0])
 
     def __call__(self, n, context_attn1, value_attn1, extra_options):
+        """Eq. 7 on this layer's K/V. Works from K/V (``context``/``value``), never from the queries
+        ``n``, so a patch that merges (ToMe) or tiles (HyperTile) the queries before or after this
+        one composes; K/V are laid out per token (:func:`interleave_slots`). A layer whose attention
+        another node replaced (PAG, SAG: ``patches_replace``) is left to that node."""
         bank = extra_options.get(self.key)
         if bank is None:
+            return n, context_attn1, value_attn1
+        block = extra_options["block"]
+        if bank.replaced and ((block[0], block[1], extra_options.get("block_index", 0)) in bank.replaced
+                              or tuple(block) in bank.replaced):
             return n, context_attn1, value_attn1
         f = bank.features.get(_layer_key(extra_options))
         if f is None:
             return n, context_attn1, value_attn1
-        f = f.to(device=n.device, dtype=n.dtype)
-        if f.shape[0] != n.shape[0]:
+        slots = int(extra_options.get(KV_SLOTS, 1))
+        ctx, val = context_attn1, value_attn1
+        self._check_kv(ctx, val, slots, bank)
+        tokens = ctx.shape[1] // slots
+        if f.shape[0] != ctx.shape[0]:
             raise ModelMismatchError(
-                "model", f"another patch changed the batch inside self-attention ({f.shape[0]} -> {n.shape[0]} rows)",
-                "put the P3S Condition Injector after that node, or remove it from this graph")
-        if f.shape[1] != n.shape[1]:
-            resized = _resize_tokens(f, n.shape[1], extra_options.get("original_shape", ()))
+                "model", f"{self._others(bank)} changed the batch of self-attention's keys in "
+                f"{_layer_key(extra_options)} ({f.shape[0]} -> {ctx.shape[0]} rows)",
+                f"remove {self._others(bank)} from the MODEL path of this P3S Condition Injector")
+        f = f.to(device=ctx.device, dtype=ctx.dtype)
+        if f.shape[1] != tokens:
+            resized = _resize_tokens(f, tokens, extra_options.get("original_shape", ()))
             if resized is None:
                 raise ModelMismatchError(
-                    "model", f"self-attention has {n.shape[1]} tokens but the P3S feature has {f.shape[1]}",
-                    "remove the node that changes the UNet's internal resolution, or apply P3S before it")
+                    "model", f"self-attention in {_layer_key(extra_options)} has {tokens} key tokens, which is "
+                    f"no token grid of this layer (the P3S feature has {f.shape[1]}); {self._others(bank)} "
+                    "changed them", f"remove {self._others(bank)} from the MODEL path of this P3S Condition Injector")
             f = resized
-        active = bank.active.to(n.device) if bank.active is not None else None
-        if context_attn1 is n and value_attn1 is n:
-            context, value = injected_context_value(n, f, bank.weight, bank.lam, active)
-            if context is not n:  # see _ExtendedAttention
-                bank.extended = (n.shape[0], n.shape[1], context.shape[1])
-            return n, context, value
-        # Chained after another patch that already extended K/V (a second injector): append our tokens
-        # and add lam*f to z's part of V (Eq. 7). Inactive rows append zero features here, which is
-        # close to but not exactly the plain attention (the [z, z] trick needs an unextended context).
-        wf = f * bank.weight
-        if active is not None:
-            wf = wf * active.to(wf.dtype).view(-1, 1, 1)
-        tokens = n.shape[1]
-        value = value_attn1.clone()
-        value[:, :tokens] = value[:, :tokens] + bank.lam * wf
-        return n, torch.cat([context_attn1, wf], dim=1), torch.cat([value, wf], dim=1)
+        active = bank.active.to(ctx.device) if bank.active is not None else None
+        if slots == 1 and ctx is val:
+            context, value = injected_context_value(ctx, f, bank.weight, bank.lam, active)
+            if context is ctx:  # nothing injected in any row: the plain attention, bit for bit
+                return n, context_attn1, value_attn1
+            context, value = interleave_slots(context, 2), interleave_slots(value, 2)
+        else:
+            # After a second injector or a patch that rewrote K/V per token (a hypernetwork).
+            plain = None if active is None else ~active
+            context, value = append_kv_slot(ctx, val, f * bank.weight, bank.lam, slots, plain)
+        extra_options[KV_SLOTS] = slots + 1
+        return n, context, value
+
+    @staticmethod
+    def _others(bank) -> str:
+        return ", ".join(bank.others) if bank.others else "another node's self-attention patch"
+
+    def _check_kv(self, ctx, val, slots, bank):
+        if ctx.dim() != 3 or val.dim() != 3 or ctx.shape[:2] != val.shape[:2] or ctx.shape[1] % slots:
+            raise ModelMismatchError(
+                "model", f"{self._others(bank)} gave self-attention keys {tuple(ctx.shape)} and values "
+                f"{tuple(val.shape)} that P3S cannot extend",
+                f"remove {self._others(bank)} from the MODEL path of this P3S Condition Injector")
 
 
 def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.0,

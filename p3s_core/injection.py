@@ -21,6 +21,8 @@ from .errors import P3SError
 __all__ = [
     "InjectionInputError",
     "injected_context_value",
+    "interleave_slots",
+    "append_kv_slot",
     "reference_attention",
     "DEFAULT_LAMBDA",
 ]
@@ -151,6 +153,48 @@ def injected_context_value(
     plain = torch.cat([z, z], dim=1)
     keep = on.view(batch, 1, 1)
     return torch.where(keep, context, plain), torch.where(keep, value, plain)
+
+
+def interleave_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[B, S*N, C]`` in concatenated layout ``[s_0 | s_1 | ...]`` -> per-token interleaved layout
+    ``[s_0[0], s_1[0], ..., s_0[1], s_1[1], ...]``.
+
+    Eq. 8 is invariant to one permutation applied to both K' and V', so this changes nothing on its
+    own. It matters when another patch folds K/V into tiles by a plain reshape (ComfyUI's HyperTile
+    tiles the queries and the attention kernel then splits K/V into contiguous chunks): with the
+    per-token layout each chunk holds the same tokens' ``z`` *and* ``f``, i.e. Eq. 7 within the tile.
+    """
+    b, t, c = x.shape
+    if slots <= 1:
+        return x
+    return x.reshape(b, slots, t // slots, c).transpose(1, 2).reshape(b, t, c)
+
+
+def append_kv_slot(context: torch.Tensor, value: torch.Tensor, wf: torch.Tensor, lam: float, slots: int,
+                   plain_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 7 on K/V that another patch already produced, in the per-token layout of
+    :func:`interleave_slots` with ``slots`` entries per token (slot 0 = the layer's own ``z`` part):
+    ``K' = [.., f]`` and ``V' = [v_0 + lam f, .., f]`` per token, ``wf`` being ``eps_t f`` ``[B, N, C]``.
+
+    Used when the attn1 inputs are not the plain ``(z, z)``: after a second P3S injector (``slots``
+    > 1) or a patch that rewrote K/V per token (a hypernetwork). Rows in ``plain_rows`` (bool
+    ``[B]``) get slot 0 duplicated instead when ``slots == 1`` (the exact ``[z, z]`` no-op of
+    :func:`injected_context_value`) and a zero feature otherwise (close to, not exactly, a no-op).
+    """
+    b, t, c = context.shape
+    n = t // slots
+    ctx = context.reshape(b, n, slots, c)
+    val = value.reshape(b, n, slots, c)
+    f = wf.to(device=context.device, dtype=context.dtype).reshape(b, n, 1, c)
+    if plain_rows is not None and slots > 1:
+        f = f * (~plain_rows).to(f.dtype).view(-1, 1, 1, 1)
+    new_ctx = torch.cat([ctx, f], dim=2)
+    new_val = torch.cat([val[:, :, :1] + float(lam) * f, val[:, :, 1:], f], dim=2)
+    if plain_rows is not None and slots == 1 and bool(plain_rows.any()):
+        keep = plain_rows.view(-1, 1, 1, 1)
+        new_ctx = torch.where(keep, torch.cat([ctx, ctx], dim=2), new_ctx)
+        new_val = torch.where(keep, torch.cat([val, val], dim=2), new_val)
+    return new_ctx.reshape(b, n * (slots + 1), c), new_val.reshape(b, n * (slots + 1), c)
 
 
 def reference_attention(

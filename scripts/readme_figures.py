@@ -132,14 +132,10 @@ results are committed (`benchmarks/results/bench.json`); this section is generat
 (`tests/unit/test_readme_figures.py` checks it). Training: `benchmarks/bench_train.py --epoch-images 5`
 times one real epoch of the Trainer's loop.
 
-Speed-ups (each exact within float32 rounding, each with a test in `tests/unit/test_speed_equivalence.py`
-and `tests/integration/test_speed_paths.py`): the copy computes its text-independent start (time
-embedding, level 0's ResBlock and self-attention) once for the two CFG halves; the 16 zero convs run as
+Speed-ups (each exact within float32 rounding, each with a test in `tests/unit/test_speed_equivalence.py`):
+the copy computes its text-independent start (time embedding, level 0's ResBlock and self-attention) once for the two CFG halves; the 16 zero convs run as
 linear maps on the tokens; with `cond only` the copy runs on the cond rows only; at weight 0 nothing is
-installed. Opt-in (`P3S_EXTENDED_ATTENTION=sdpa`): on the CPU the self-attention that Eq. 7 extends to
-2N keys runs through PyTorch's fused SDPA kernel even when ComfyUI uses sub-quadratic attention (which
-writes the full score matrix: 2 GiB per layer at 512²). The RNGR
-letterbox and mask post-processing compute the same numbers with fewer passes.
+installed. The RNGR letterbox and mask post-processing compute the same numbers with fewer passes.
 
 ### Latest benchmark
 """
