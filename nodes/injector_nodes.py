@@ -11,7 +11,9 @@ class P3SConditionInjector:
         "Patches the MODEL with a P3S adapter: each sampling step the adapter's trainable copy runs once "
         "on x_t plus the encoded reference (Eq. 4-6) and its features are added to all 16 self-attention "
         "layers of the original UNet (Eq. 7-8), weighted by the schedule (Eq. 9-10). Connect the patched "
-        "MODEL to any sampler; ControlNet conditioning works beside it. The input MODEL is not changed."
+        "MODEL to any sampler; ControlNet conditioning works beside it. The input MODEL is not changed. "
+        "With a region MASK the subject is injected only there (outside it the model attends as the plain "
+        "model): stack two injectors with two regions for two subjects in one image."
     )
     CATEGORY = CATEGORY
     FUNCTION = "inject"
@@ -33,10 +35,13 @@ class P3SConditionInjector:
             },
             "optional": {
                 "schedule": (SCHEDULE, {"tooltip": "Weight over the steps (P3S Timestep Weight Scheduler). Without it: the paper's Eq. 10 curve."}),
+                "region": ("MASK", {"tooltip": "Where in the image this subject goes (1 = inside). Tokens outside attend exactly as in the plain model; any size (stretched to the image). From P3S Region, Solid Mask, Mask Composite or Load Image's MASK. Not connected: everywhere; an all-zero mask: the plain model."}),
+                "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Soft edge of the region, as a fraction of the mask's shorter side (0 = hard edge). Only used with a region."}),
             },
         }
 
-    def inject(self, model, adapter, reference, vae, clip_vision, lam, strength, apply_to, schedule=None):
+    def inject(self, model, adapter, reference, vae, clip_vision, lam, strength, apply_to, schedule=None,
+               region=None, feather=0.0):
         import torch
 
         from ..p3s_core import comfy_backend as backend
@@ -57,10 +62,15 @@ class P3SConditionInjector:
             raise ScheduleError("schedule", f"expected P3S_SCHEDULE, got a {type(schedule).__name__}",
                                 "connect the 'schedule' output of P3S Timestep Weight Scheduler (or leave it empty)")
         schedule = schedule if schedule is not None else P3SSchedule()
+        feather = check_number(feather, "feather", 0.0, 0.5, "use a feather between 0 (hard edge) and 0.5")
+        if region is not None:  # issue 16: checked (typed RegionError) before any encoding
+            from ..p3s_core.region import Region
+
+            region = Region.from_mask(region, feather)
         latent, hidden = backend.encode_reference(model, vae, clip_vision, reference)
         p = next(adapter.parameters())
         with torch.no_grad():
             i2 = adapter.encode_reference(latent.to(p.device, p.dtype), hidden.to(p.device, p.dtype))
         patched, _ = backend.apply_injector(model, adapter, i2, schedule, lam=lam, strength=strength,
-                                            apply_to=apply_to)
+                                            apply_to=apply_to, region=region)
         return (patched,)
