@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import harness  # noqa: E402
 
-VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0"]
+VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0",
+            "p3s region (left half)", "p3s 2 regions (left + right)"]  # regions: issue 16
 
 
 def summary(xs):
@@ -59,8 +60,13 @@ def bench_steps(nodes, pack, args):
     with torch.inference_mode():
         p3s = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond")[0]
         p3s0 = inj.inject(model, adapter, ref, vae, clipv, 0.2, 0.0, "cond and uncond")[0]
+        left = torch.zeros(1, args.size, args.size)
+        left[:, :, : args.size // 2] = 1.0
+        reg1 = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond", region=left)[0]
+        reg2 = inj.inject(reg1, adapter, ref.flip(2), vae, clipv, 0.2, 1.0, "cond and uncond", region=1.0 - left)[0]
     setups = {"plain": (model, pos, neg), "p3s": (p3s, pos, neg), "controlnet": (model, cpos, cneg),
-              "p3s+controlnet": (p3s, cpos, cneg), "p3s weight 0": (p3s0, pos, neg)}
+              "p3s+controlnet": (p3s, cpos, cneg), "p3s weight 0": (p3s0, pos, neg),
+              "p3s region (left half)": (reg1, pos, neg), "p3s 2 regions (left + right)": (reg2, pos, neg)}
     latent = node["EmptyLatentImage"]().generate(args.size, args.size, 1)[0]
     sampler = node["KSampler"]()
 
