@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import harness  # noqa: E402
 
-VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0", "p3s, speed-ups off"]
+VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0", "p3s, speed-ups off",
+            "p3s region (left half)", "p3s 2 regions (left + right)"]  # regions: issue 16
 ATTENTION = ("sdpa", "subquad")
 #: Issue 14's goals at 512^2 (same run, same backend).
 GOALS = {"p3s_max_ratio": 1.3, "weight0_max_ratio": 1.02, "rngr_max_ms": 50.0}
@@ -92,10 +93,11 @@ def bench_steps(nodes, models, size, args):
 
     import torch
 
-    model, p3s, p3s0, adapter, pos, neg, cpos, cneg = models
+    model, p3s, p3s0, adapter, pos, neg, cpos, cneg, reg1, reg2 = models
     setups = {"plain": (model, pos, neg), "p3s": (p3s, pos, neg), "controlnet": (model, cpos, cneg),
               "p3s+controlnet": (p3s, cpos, cneg), "p3s weight 0": (p3s0, pos, neg),
-              "p3s, speed-ups off": (p3s, pos, neg)}
+              "p3s, speed-ups off": (p3s, pos, neg), "p3s region (left half)": (reg1, pos, neg),
+              "p3s 2 regions (left + right)": (reg2, pos, neg)}
     latent = nodes.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(size, size, 1)[0]
     sampler = nodes.NODE_CLASS_MAPPINGS["KSampler"]()
 

@@ -2,6 +2,7 @@
 from .adapter_nodes import P3SAdapterLoader, P3SAdapterSave
 from .injector_nodes import P3SConditionInjector
 from .points_nodes import P3SPointSelector
+from .region_nodes import P3SRegion
 from .rngr_nodes import P3SRNGRMaskInpaint
 from .schedule_nodes import P3STimestepWeightScheduler
 from .trainer_nodes import P3STrainer
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "P3SAdapterLoader": P3SAdapterLoader,
     "P3SAdapterSave": P3SAdapterSave,
     "P3STrainer": P3STrainer,
+    "P3SRegion": P3SRegion,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -24,4 +26,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "P3SAdapterLoader": "P3S Adapter Loader",
     "P3SAdapterSave": "P3S Adapter Save",
     "P3STrainer": "P3S Trainer",
+    "P3SRegion": "P3S Region",
 }

@@ -13,7 +13,9 @@ class P3SConditionInjector:
         "on x_t plus the encoded reference (Eq. 4-6; by default the cleaned photo stored in the adapter, one "
         "reference per generation, fitted to the image's aspect ratio without stretching) and its features are added to all 16 self-attention "
         "layers of the original UNet (Eq. 7-8), weighted by the schedule (Eq. 9-10). Connect the patched "
-        "MODEL to any sampler; ControlNet conditioning works beside it. The input MODEL is not changed."
+        "MODEL to any sampler; ControlNet conditioning works beside it. The input MODEL is not changed. "
+        "With a region MASK the subject is injected only there (outside it the model attends as the plain "
+        "model): stack two injectors with two regions for two subjects in one image."
     )
     CATEGORY = CATEGORY
     FUNCTION = "inject"
@@ -37,11 +39,14 @@ class P3SConditionInjector:
                 "clip_vision": ("CLIP_VISION", {"tooltip": "Only with 'reference': CLIP ViT-L/14 vision (clip-vit-large-patch14); its last hidden state is c_s of Eq. 5."}),
                 "reference_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which reference feeds the copy (0 = the first), as in training, where each photo was its own reference. Several references are never averaged into one latent."}),
                 "reference_mode": (list(REFERENCE_MODES), {"default": REFERENCE_MODES[0], "tooltip": "'one reference': the reference at reference_index. 'average copy features': the copy runs once per reference and its features are averaged (N times the copy's cost per step)."}),
+                "region": ("MASK", {"tooltip": "Where in the image this subject goes (1 = inside). Tokens outside attend exactly as in the plain model; any size (stretched to the image). From P3S Region, Solid Mask, Mask Composite or Load Image's MASK. Not connected: everywhere; an all-zero mask: the plain model."}),
+                "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Soft edge of the region, as a fraction of the mask's shorter side (0 = hard edge). Only used with a region."}),
             },
         }
 
     def inject(self, model, adapter, reference=None, vae=None, clip_vision=None, lam=0.2, strength=1.0,
-               apply_to="cond and uncond", schedule=None, reference_index=0, reference_mode=REFERENCE_MODES[0]):
+               apply_to="cond and uncond", schedule=None, reference_index=0, reference_mode=REFERENCE_MODES[0],
+               region=None, feather=0.0):
         import torch
 
         from ..p3s_core import comfy_backend as backend
@@ -83,6 +88,11 @@ class P3SConditionInjector:
             raise ScheduleError("schedule", f"expected P3S_SCHEDULE, got a {type(schedule).__name__}",
                                 "connect the 'schedule' output of P3S Timestep Weight Scheduler (or leave it empty)")
         schedule = schedule if schedule is not None else P3SSchedule()
+        feather = check_number(feather, "feather", 0.0, 0.5, "use a feather between 0 (hard edge) and 0.5")
+        if region is not None:  # issue 16: checked (typed RegionError) before any encoding
+            from ..p3s_core.region import Region
+
+            region = Region.from_mask(region, feather)
         if reference is not None:
             latent, hidden = backend.encode_reference(model, vae, clip_vision, reference)
         else:
@@ -92,5 +102,5 @@ class P3SConditionInjector:
             i2 = adapter.encode_reference(latent.to(p.device, p.dtype), hidden.to(p.device, p.dtype))
         patched, _ = backend.apply_injector(model, adapter, i2, schedule, lam=lam, strength=strength,
                                             apply_to=apply_to, reference_index=int(reference_index),
-                                            reference_mode=reference_mode)
+                                            reference_mode=reference_mode, region=region)
         return (patched,)

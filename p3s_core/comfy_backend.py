@@ -17,16 +17,26 @@ ComfyUI APIs this pack relies on, all present in 0.3.75 and 0.33 (look here when
 - ``comfy.model_patcher.ModelPatcher`` / ``CoreModelPatcher`` (0.33: ``ModelPatcherDynamic`` under
   Dynamic VRAM) and ``comfy.model_management`` to load the adapter;
 - ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``.
+
+Regional injection (issue 16, math in ``region.py``) also relies on, in both versions:
+- ``ModelPatcher.set_model_attn1_output_patch(fn)`` (a chained list) with ``fn(n, extra_options)``
+  called right after self-attention, ``extra_options`` being the very dict the attn1 patches of the
+  same ``BasicTransformerBlock.forward`` call received (so the attn1 patch can hand data to it);
+- ``executor.class_obj`` of the DIFFUSION_MODEL wrapper being the ``UNetModel``, whose
+  ``input_blocks[i]`` / ``middle_block`` / ``output_blocks[i]`` hold a ``SpatialTransformer`` with
+  ``transformer_blocks[block_index].attn1`` (a ``CrossAttention``);
+- ``CrossAttention.forward(x, context=None, value=None, mask=None, transformer_options={})``.
 """
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .errors import ModelMismatchError
 from .injection import DEFAULT_LAMBDA, append_kv_slot, injected_context_value, interleave_slots
+from .region import Region, blend_tokens
 
 APPLY_TO = ("cond and uncond", "cond only")
 CLIP_VIT_L = {"hidden": 1024, "patch": 14, "image_size": 224, "tokens": 257}
@@ -191,6 +201,7 @@ class _Bank:
     lam: float
     replaced: frozenset = frozenset()  # attn1 blocks another node replaced in this model call
     others: tuple = ()  # names of the other nodes' attn1 patches (for error messages)
+    region: object = None  # _RegionRun of this step when the injector has a region (issue 16)
 
 
 #: ``extra_options`` key (one dict per transformer-block call) counting the K/V entries per token
@@ -236,7 +247,8 @@ class P3SInjectorPatch:
 
     def __init__(self, adapter, i2: torch.Tensor | None, schedule, lam: float = DEFAULT_LAMBDA,
                  strength: float = 1.0, apply_to: str = "cond and uncond", model_sampling=None,
-                 feature_hook=None, reference_index: int = 0, reference_mode: str = "one reference"):
+                 feature_hook=None, reference_index: int = 0, reference_mode: str = "one reference",
+                 region: Region | None = None):
         from .encoder import REFERENCE_MODES
 
         if apply_to not in APPLY_TO:
@@ -254,6 +266,7 @@ class P3SInjectorPatch:
         self.reference_index = int(reference_index)
         self.reference_mode = reference_mode
         self._warned_sizes: set = set()
+        self.region = region  # issue 16: inject only inside this region (None = everywhere)
         self.num_timesteps = 1000
         self.sigma_start = self.sigma_end = None
         if model_sampling is not None:
@@ -297,7 +310,7 @@ class P3SInjectorPatch:
         sigmas = transformer_options.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else float("inf")
         weight = self.step_weight(sigma, float(timesteps.max()))
-        if weight == 0.0:
+        if weight == 0.0 or (self.region is not None and self.region.empty):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         active = self._active_rows(x.shape[0], transformer_options.get("cond_or_uncond"))
         if active is not None and not bool(active.any()):
@@ -307,6 +320,8 @@ class P3SInjectorPatch:
         options[self.key] = _Bank(features=feats, weight=weight, active=active, lam=self.lam,
                                   replaced=_replaced_attn1(transformer_options),
                                   others=_other_attn1_patches(transformer_options))
+        if self.region is not None:
+            options[self.key].region = _RegionRun(self.region, getattr(executor, "class_obj", None))
         return executor(x, timesteps, context, y, control, options, **kwargs)
 
     def copy_features(self, x, timesteps, context, active=None):
@@ -382,6 +397,8 @@ class P3SInjectorPatch:
         if bank.replaced and ((block[0], block[1], extra_options.get("block_index", 0)) in bank.replaced
                               or tuple(block) in bank.replaced):
             return n, context_attn1, value_attn1
+        if bank.region is not None:
+            return self._region_attn1(n, context_attn1, value_attn1, extra_options, bank)
         f = bank.features.get(_layer_key(extra_options))
         if f is None:
             return n, context_attn1, value_attn1
@@ -427,10 +444,68 @@ class P3SInjectorPatch:
                 f"{tuple(val.shape)} that P3S cannot extend",
                 f"remove {self._others(bank)} from the MODEL path of this P3S Condition Injector")
 
+    # regional injection (issue 16; the math and the reasons are in region.py) ----------------
+    def _region_attn1(self, n, context_attn1, value_attn1, extra_options, bank):
+        """Leave K/V as they came (the model computes its plain attention for every query) and hand
+        the inside tokens' injected K/V to :meth:`region_output` through ``extra_options``."""
+        grid = token_grid(n.shape[1], extra_options.get("original_shape", ()))
+        if grid is None:
+            raise ModelMismatchError(
+                "model", f"cannot place the region on a self-attention layer of {n.shape[1]} tokens",
+                "remove the node that changes the UNet's internal resolution, or drop the region")
+        w = bank.region.region.weights(grid, device=n.device, dtype=n.dtype)
+        if not bool((w > 0).any()):
+            return n, context_attn1, value_attn1
+        options = dict(extra_options)
+        options[self.key] = replace(bank, region=None)
+        _, context, value = self(n, context_attn1, value_attn1, options)  # the unmasked Eq. 7 K/V
+        if context is context_attn1 and value is value_attn1:  # nothing injected at this layer
+            return n, context_attn1, value_attn1
+        extra_options[self.key + ":region"] = (n, context, value, w, bank)
+        return n, context_attn1, value_attn1
+
+    def region_output(self, out, extra_options):
+        """attn1 output patch: ``w * A_inj + (1 - w) * A`` on the region's tokens (region.py)."""
+        stash = extra_options.pop(self.key + ":region", None)
+        if stash is None:
+            return out
+        n, context, value, w, bank = stash
+        index = (w > 0).nonzero().flatten()
+        rows = bank.active.to(out.device) if bank.active is not None else None
+        if rows is not None and bool(rows.all()):
+            rows = None
+        if rows is not None:
+            n, context, value = n[rows], context[rows], value[rows]
+        attn1 = bank.region.attn1(extra_options)
+        injected = attn1(n[:, index], context=context, value=value, transformer_options=extra_options)
+        return blend_tokens(out, injected, index, w[index], rows)
+
+
+@dataclass
+class _RegionRun:
+    """A region plus the UNet of this step (to find each layer's own ``attn1`` module)."""
+    region: Region
+    unet: object
+
+    def attn1(self, extra_options):
+        block = extra_options["block"]
+        unet = self.unet
+        if unet is None:
+            raise ModelMismatchError("model", "the UNet was not reachable from the P3S wrapper",
+                                     "apply the region on an SD1.5 MODEL from Load Checkpoint")
+        seq = unet.middle_block if block[0] == "middle" else \
+            (unet.input_blocks if block[0] == "input" else unet.output_blocks)[block[1]]
+        for layer in seq:
+            blocks = getattr(layer, "transformer_blocks", None)
+            if blocks is not None:
+                return blocks[extra_options.get("block_index", 0)].attn1
+        raise ModelMismatchError("model", f"no self-attention found in UNet block {block}",
+                                 "apply the region on an SD1.5 MODEL from Load Checkpoint")
+
 
 def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.0,
                    apply_to="cond and uncond", feature_hook=None, reference_index=0,
-                   reference_mode="one reference"):
+                   reference_mode="one reference", region: Region | None = None):
     """A ``model.clone()`` with the P3S attn1 patch and per-step wrapper installed (chaining-safe)."""
     import comfy.patcher_extension as pe
 
@@ -438,12 +513,15 @@ def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.
     m = model.clone()
     patch = P3SInjectorPatch(adapter, i2, schedule, lam=lam, strength=strength, apply_to=apply_to,
                              model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook,
-                             reference_index=reference_index, reference_mode=reference_mode)
+                             reference_index=reference_index, reference_mode=reference_mode,
+                             region=region)
     if patch.strength == 0.0 and feature_hook is None:
         # Speed: weight 0 everywhere is the plain model; install nothing (no per-layer patch
         # call, no wrapper, the adapter is not loaded with the model).
         return m, patch
     m.set_model_attn1_patch(patch)
+    if region is not None:
+        m.set_model_attn1_output_patch(patch.region_output)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, patch.key, patch.diffusion_wrapper)
     m.set_additional_models(patch.key, [patch.adapter_patcher()])
     return m, patch

@@ -139,7 +139,8 @@ def profile_step(nodes, plain_model, p3s_model, adapter, pos, neg, size: int, re
 
 def build_models(nodes, pack, size: int):
     """The random SD1.5 + a P3S adapter initialised from it (active zero convs), as the benchmark
-    builds them: ``(model, p3s_model, p3s_model_weight0, adapter, pos, neg, cpos, cneg)``."""
+    builds them: ``(model, p3s_model, p3s_model_weight0, adapter, pos, neg, cpos, cneg, region1,
+    region2)``, the last two with one injector on the left half and a second on the right (issue 16)."""
     import importlib
 
     import torch
@@ -168,7 +169,11 @@ def build_models(nodes, pack, size: int):
     with torch.inference_mode():
         p3s = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond")[0]
         p3s0 = inj.inject(model, adapter, ref, vae, clipv, 0.2, 0.0, "cond and uncond")[0]
-    return model, p3s, p3s0, adapter, pos, neg, cpos, cneg
+        left = torch.zeros(1, size, size)
+        left[:, :, : size // 2] = 1.0
+        reg1 = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond", region=left)[0]
+        reg2 = inj.inject(reg1, adapter, ref.flip(2), vae, clipv, 0.2, 1.0, "cond and uncond", region=1.0 - left)[0]
+    return model, p3s, p3s0, adapter, pos, neg, cpos, cneg, reg1, reg2
 
 
 def boot(attention: str, device: str = "cpu"):
@@ -203,7 +208,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
     nodes, pack, kernel = boot(args.attention, args.device)
-    model, p3s, _, adapter, pos, neg, _, _ = build_models(nodes, pack, args.size)
+    model, p3s, _, adapter, pos, neg, *_ = build_models(nodes, pack, args.size)
     import importlib
 
     layer_map = importlib.import_module(f"{pack.__name__}.p3s_core.copy_unet").LAYER_MAP

@@ -518,6 +518,64 @@ def test_injector_schedule_not_a_schedule(comfy, inject_args):
         inject(comfy, inject_args, schedule={"mode": "paper"})
 
 
+# =========================================================================== region (issue 16)
+
+
+def expect_region(comfy, input_name, fix, problem):
+    """``expect`` for RegionError (it lives with the region math in p3s_core/region.py)."""
+    return _Expect(comfy.core("region").RegionError, input_name, fix, problem)
+
+
+BAD_REGIONS = {
+    "image_not_mask": (lambda: images(1, 64, 64), "IMAGE-shaped tensor", "Convert Image to Mask"),
+    "batch_of_two": (lambda: torch.rand(2, 64, 64), "batch of 2 masks", "one P3S Condition Injector per region"),
+    "nan": (lambda: torch.full((1, 16, 16), float("nan")), "NaN or infinite", "node that produced it"),
+    "out_of_range": (lambda: torch.full((1, 16, 16), 255.0), "outside 0..1", "0 = outside the region"),
+    "not_a_tensor": (lambda: [[0.0, 1.0]], "expected a MASK", "connect a MASK output"),
+    "1d": (lambda: torch.ones(64), "expected a MASK [1,H,W]", "connect a MASK output"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REGIONS))
+def test_injector_bad_region(comfy, inject_args, case):
+    make, problem, fix = BAD_REGIONS[case]
+    with expect_region(comfy, "region", fix, problem):
+        inject(comfy, inject_args, region=make())
+
+
+@pytest.mark.parametrize("value,problem", [(0.7, "outside [0, 0.5]"), (float("nan"), "not a finite number")])
+def test_injector_feather_out_of_range(comfy, inject_args, value, problem):
+    with expect(comfy, "SettingError", "feather", "between 0 (hard edge) and 0.5", problem):
+        inject(comfy, inject_args, region=torch.ones(1, 8, 8), feather=value)
+
+
+REGION_ARGS = dict(shape="box", width=64, height=64, left=0.25, top=0.25, right=0.75, bottom=0.75, invert=False)
+
+
+def region_node(comfy, **kw):
+    with torch.inference_mode():
+        return comfy.node("P3SRegion")().make(**dict(REGION_ARGS, **kw))
+
+
+@pytest.mark.parametrize("kw,name", [(dict(left=0.8, right=0.2), "right"), (dict(top=0.5, bottom=0.5), "bottom")])
+def test_region_node_empty_box(comfy, kw, name):
+    with expect_region(comfy, name, "0 <= left < right <= 1", "is empty or outside the frame"):
+        region_node(comfy, **kw)
+
+
+@pytest.mark.parametrize("name,value,problem", [("left", 1.5, "outside [0, 1]"), ("shape", "circle", "not one of the options"),
+                                                ("width", 4, "outside [8, 8192]")])
+def test_region_node_setting_out_of_range(comfy, name, value, problem):
+    fix = {"left": "fraction between 0 and 1", "shape": "'left half'", "width": "between 8 and 8192"}[name]
+    with expect(comfy, "SettingError", name, fix, problem):
+        region_node(comfy, **{name: value})
+
+
+def test_region_node_bad_image(comfy):
+    with expect(comfy, "ImageInputError", "image", "'Split Image with Alpha'", "4 channels"):
+        region_node(comfy, image=images(1, 64, 64, c=4))
+
+
 # =========================================================================== P3S Adapter Loader / Save
 
 

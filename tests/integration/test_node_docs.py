@@ -6,7 +6,7 @@ from test_harness import pack_node_names
 
 def test_every_node_and_input_has_help(comfy):
     names = pack_node_names()
-    assert len(names) == 7
+    assert len(names) == 8  # 7 + P3S Region (issue 16)
     for name in names:
         cls = comfy.node(name)
         assert len(getattr(cls, "DESCRIPTION", "")) > 40, name

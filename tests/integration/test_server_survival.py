@@ -283,6 +283,18 @@ def injector_graph(image=None, **over) -> dict:
     return g
 
 
+def region_graph(image=None, **over) -> dict:
+    """A P3S Region node whose preview is shown (so it runs), for the region rows."""
+    inputs = dict(shape="box", width=64, height=64, left=0.25, top=0.25, right=0.75, bottom=0.75, invert=False)
+    nodes = {}
+    if image is not None:
+        nodes, ref = image
+        inputs["image"] = ref
+    inputs.update(over)
+    return {**nodes, "region": {"class_type": "P3SRegion", "inputs": inputs},
+            "show_region": {"class_type": "PreviewImage", "inputs": {"images": ["region", 1]}}}
+
+
 def save_graph(name: str, adapter=None) -> dict:
     g = {"adapter": {"class_type": "P3SAdapterLoader", "inputs": {"adapter_name": "survival_good.safetensors"}},
          "save": {"class_type": "P3SAdapterSave", "inputs": {"adapter": adapter or ["adapter", 0], "name": name}}}
@@ -391,6 +403,12 @@ P3S_PROMPTS = {
         "bad_missing_tensor.safetensors", "bad_wrong_shapes.safetensors", "bad_a_lora.safetensors",
         "bad_corrupt_metadata.safetensors")},
     "`test_adapter_loader_refuses_non_finite_weights`": [(loader("bad_nan_weights.safetensors"), None)],
+    "`test_injector_bad_region[batch_of_two]`": [
+        (with_nodes(injector_graph(region=["m", 0]), _mask("three")), "one region per injector is needed")],
+    "`test_injector_feather_out_of_range[nan-…]`": [(injector_graph(feather=float("nan")), "not a finite number")],
+    "`test_region_node_empty_box[kw0-right]`": [(region_graph(left=0.8, right=0.2), "is empty or outside the frame")],
+    "`test_region_node_empty_box[kw1-bottom]`": [(region_graph(top=0.5, bottom=0.5), "is empty or outside the frame")],
+    "`test_region_node_bad_image`": [(region_graph(_special_image("rgba")), "4 channels (RGBA)")],
     "`test_adapter_save_name_with_path[…]` (7)": [
         (save_graph(n), "not a plain file name") for n in ("../escape", "sub/dir/x", "..\\x", ".hidden", "a:b",
                                                            "bad\nname", "   ")],
@@ -432,6 +450,11 @@ REFUSED_400 = {
     "`test_adapter_loader_name_with_path[…]` (6)": (loader("../escape.safetensors"), "value_not_in_list"),
     "`test_adapter_save_input_is_not_an_adapter`": (save_graph("not_an_adapter", adapter=["ckpt", 0]),
                                                     "return_type_mismatch"),
+    "`test_injector_bad_region[image_not_mask]`": (injector_graph(region=["load", 0]), "return_type_mismatch"),
+    "`test_injector_feather_out_of_range[0.7-…]`": (injector_graph(feather=0.7), "value_bigger_than_max"),
+    "`test_region_node_setting_out_of_range[left-1.5-…]`": (region_graph(left=1.5), "value_bigger_than_max"),
+    "`test_region_node_setting_out_of_range[shape-circle-…]`": (region_graph(shape="circle"), "value_not_in_list"),
+    "`test_region_node_setting_out_of_range[width-4-…]`": (region_graph(width=4), "value_smaller_than_min"),
 }
 
 
