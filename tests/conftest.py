@@ -79,6 +79,23 @@ def clip_vision(comfy):
 
 
 @pytest.fixture(scope="session")
+def active_adapter(comfy, sd15):
+    """An SD1.5 adapter initialised from the base UNet, with non-zero zero-convs (as after training);
+    built once per session (read-only: the tests that use it never train it)."""
+    import torch
+
+    adapter_mod, copy_mod, backend = comfy.core("adapter"), comfy.core("copy_unet"), comfy.core("comfy_backend")
+    with torch.inference_mode(False):
+        sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
+        adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for conv in adapter.copy.zero_convs.values():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    return adapter.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
     base = harness.make_base_dir(tmp_path_factory.mktemp("comfy_server"))
     srv = harness.ComfyServer(base=base).start()

@@ -11,7 +11,6 @@ list onto the non-dynamic path; and P3S sampling keeps working when ComfyUI offl
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -50,21 +49,6 @@ def test_adapter_patcher_uses_comfyuis_core_patcher_class(comfy):
     finally:
         cmp.CoreModelPatcher = saved
     assert backend.adapter_patcher(adapter) is not None
-
-
-@pytest.fixture(scope="module")
-def active_adapter(comfy, sd15):
-    adapter_mod = comfy.core("adapter")
-    copy_mod = comfy.core("copy_unet")
-    backend = comfy.core("comfy_backend")
-    with torch.inference_mode(False):
-        sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
-        adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=0)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for conv in adapter.copy.zero_convs.values():
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
-    return adapter.eval().requires_grad_(False)
 
 
 def test_injector_joins_the_load_list_with_the_unets_patcher_class(comfy, sd15, active_adapter):

@@ -22,22 +22,6 @@ def conds(comfy, sd15):
         return enc.encode(sd15.clip, "a photo of sks dog")[0], enc.encode(sd15.clip, "")[0]
 
 
-@pytest.fixture(scope="module")
-def active_adapter(comfy, sd15):
-    """An SD1.5 adapter initialised from the base UNet, with non-zero zero-convs (as after training)."""
-    adapter_mod = comfy.core("adapter")
-    copy_mod = comfy.core("copy_unet")
-    backend = comfy.core("comfy_backend")
-    with torch.inference_mode(False):
-        sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
-        adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=0)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for conv in adapter.copy.zero_convs.values():
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
-    return adapter.eval().requires_grad_(False)
-
-
 def sample(comfy, model, conds, seed=7, steps=2, cfg=7.5):
     latent = comfy.node("EmptyLatentImage")().generate(SIZE, SIZE, 1)[0]
     with torch.inference_mode():
