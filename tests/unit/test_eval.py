@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,16 +14,10 @@ from PIL import Image
 
 from p3s_core import dreambench as dbm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tiny_sd  # noqa: E402
+
 CLIP_SIZE, DINO_SIZE = 32, 28  # 32x32 images: CLIP needs no resize; DINOv2 resizes to 32 and crops 28
-
-
-def _tiny_tokenizer(folder):
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {}
-    for tok in letters + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"]:
-        vocab[tok] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def encoders_dirs(tmp_path_factory):
                            num_attention_heads=2, image_size=CLIP_SIZE, patch_size=8),
         projection_dim=8))
     clip.save_pretrained(root / "clip")
-    _tiny_tokenizer(root / "clip")
+    tiny_sd.tiny_tokenizer_files(root / "clip")
     CLIPTokenizer(str(root / "clip" / "vocab.json"), str(root / "clip" / "merges.txt")).save_pretrained(root / "clip")
     Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2,
                              image_size=DINO_SIZE, patch_size=14)).save_pretrained(root / "dino")
