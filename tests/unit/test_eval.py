@@ -114,9 +114,9 @@ def test_metrics_match_hand_computed_values(encoders_dirs, dataset):
     enc = dbm.load_encoders(*encoders_dirs)
     data = dbm.collect_generated(dataset / "gen", dataset / "real")
     result = dbm.score(data, enc)
-    clip = CLIPModel.from_pretrained(str(encoders_dirs[0])).eval()
-    tok = CLIPTokenizer.from_pretrained(str(encoders_dirs[0]))
-    dino = Dinov2Model.from_pretrained(str(encoders_dirs[1])).eval()
+    clip = CLIPModel.from_pretrained(str(encoders_dirs[0]), local_files_only=True).eval()
+    tok = CLIPTokenizer.from_pretrained(str(encoders_dirs[0]), local_files_only=True)
+    dino = Dinov2Model.from_pretrained(str(encoders_dirs[1]), local_files_only=True).eval()
     subj_vals = {}
     for subject in ("can", "dog"):
         reals = sorted((dataset / "real" / subject).iterdir())
