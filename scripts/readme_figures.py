@@ -23,7 +23,9 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 NAMES = {"plain": "plain SD1.5", "p3s": "+ P3S", "controlnet": "+ ControlNet",
          "p3s+controlnet": "+ P3S + ControlNet", "p3s weight 0": "P3S at weight 0",
-         "p3s, speed-ups off": "+ P3S, speed-ups off (before)"}
+         "p3s, speed-ups off": "+ P3S, speed-ups off (before)",
+         "p3s region (left half)": "+ P3S in a region (left half)",
+         "p3s 2 regions (left + right)": "+ 2 P3S injectors in 2 regions (left, right)"}
 BACKENDS = {"sdpa": "SDPA", "subquad": "sub-quad"}
 LEVEL_NAMES = {"0": "level 0 (image/8)", "1": "level 1 (image/16)", "2": "level 2 (image/32)",
                "3": "middle (image/64)"}
