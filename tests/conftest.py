@@ -79,6 +79,17 @@ def clip_vision(comfy):
 
 
 @pytest.fixture(scope="session")
+def reference():
+    """A non-square reference photo (80x64) with a coloured subject block, for the injector tests."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(1, 80, 64, 3, generator=g)
+    img[:, 20:60, 16:48, :] = torch.tensor([0.8, 0.5, 0.2])
+    return img
+
+
+@pytest.fixture(scope="session")
 def active_adapter(comfy, sd15):
     """An SD1.5 adapter initialised from the base UNet, with non-zero zero-convs (as after training);
     built once per session (read-only: the tests that use it never train it)."""

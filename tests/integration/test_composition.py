@@ -103,14 +103,6 @@ def test_core_attention_nodes_of_this_comfyui(comfy):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    g = torch.Generator().manual_seed(3)
-    img = torch.rand(1, 80, 64, 3, generator=g)
-    img[:, 20:60, 16:48, :] = torch.tensor([0.8, 0.5, 0.2])
-    return img
-
-
-@pytest.fixture(scope="module")
 def conds(comfy, sd15):
     enc = comfy.node("CLIPTextEncode")()
     with torch.inference_mode():
