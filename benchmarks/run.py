@@ -13,10 +13,12 @@ ComfyUI's CPU default (sub-quadratic, chunked).
     scripts/bench.sh --sizes 256 --attention sdpa --steps 2 --reps 2 --skip-train --out /tmp/b
     scripts/readme_figures.py                          # then: the README's block from bench.json
 
-Variants: plain, + P3S, + ControlNet, + P3S + ControlNet, P3S at weight 0, and "p3s, speed-ups
-off" (the same P3S model with the exact speed-ups of issue 14 switched off: CFG-row sharing in
-the copy, and the opt-in SDPA route is forced off; the zero convs stay token linears),
-so before/after come from the same run.
+Variants: plain, + P3S, + ControlNet, + P3S + ControlNet, P3S at weight 0, "p3s, speed-ups off"
+(the same P3S model with the exact speed-ups of issue 14 switched off: CFG-row sharing in the copy
+and the SDPA route of the extended self-attention; the zero convs stay token linears), so
+before/after come from the same run; the opt-in pooled level-0 keys; one and two regional
+injectors (issue 16). :func:`output_effects` measures how far the opt-in (and the speed-ups) move
+one step's output, relative to P3S's own effect.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import harness  # noqa: E402
 
 VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0", "p3s, speed-ups off",
-            "p3s region (left half)", "p3s 2 regions (left + right)"]  # regions: issue 16
+            "p3s, level-0 keys pooled", "p3s region (left half)", "p3s 2 regions (left + right)"]
 ATTENTION = ("sdpa", "subquad")
 #: Issue 14's goals at 512^2 (same run, same backend).
 GOALS = {"p3s_max_ratio": 1.3, "weight0_max_ratio": 1.02, "rngr_max_ms": 50.0}
@@ -75,17 +77,58 @@ def machine() -> dict:
 
 # --- the sampling benchmark (one backend, in a child process) ---------------------------------------
 class _SpeedupsOff:
-    """The P3S model with the exact speed-ups switched off for the duration of one run."""
+    """The P3S model with the exact speed-ups switched off for the duration of one run: the copy's
+    CFG-row sharing and the SDPA route of the extended self-attention (the zero convs stay token
+    linears, the K/V stay built in one pass)."""
 
-    def __init__(self, adapter):
-        self.adapter = adapter
+    def __init__(self, adapter, backend):
+        self.adapter, self.route = adapter, backend._ExtendedAttentionRoute
 
     def __enter__(self):
-        self.saved = self.adapter.copy.share_cfg_rows
+        self.saved = self.adapter.copy.share_cfg_rows, self.route.enabled
         self.adapter.copy.share_cfg_rows = False
+        self.route.enabled = False
 
     def __exit__(self, *exc):
-        self.adapter.copy.share_cfg_rows = self.saved
+        self.adapter.copy.share_cfg_rows, self.route.enabled = self.saved
+
+
+def _setups(m) -> dict:
+    return {"plain": (m["model"], m["pos"], m["neg"]), "p3s": (m["p3s"], m["pos"], m["neg"]),
+            "controlnet": (m["model"], m["cpos"], m["cneg"]), "p3s+controlnet": (m["p3s"], m["cpos"], m["cneg"]),
+            "p3s weight 0": (m["p3s0"], m["pos"], m["neg"]), "p3s, speed-ups off": (m["p3s"], m["pos"], m["neg"]),
+            "p3s, level-0 keys pooled": (m["p3s_pooled"], m["pos"], m["neg"]),
+            "p3s region (left half)": (m["reg1"], m["pos"], m["neg"]),
+            "p3s 2 regions (left + right)": (m["reg2"], m["pos"], m["neg"])}
+
+
+def _one_step(nodes, model, pos, neg, size, seed=1):
+    import torch
+
+    latent = nodes.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(size, size, 1)[0]
+    with torch.inference_mode():
+        out = nodes.NODE_CLASS_MAPPINGS["KSampler"]().sample(model, seed, 1, 7.5, "ddim", "normal", pos, neg,
+                                                             latent, denoise=1.0)[0]
+    return out["samples"].float()
+
+
+def output_effects(nodes, m, size) -> dict:
+    """How far the opt-in pooled level-0 keys, and the exact speed-ups, move one DDIM step's latent
+    from exact P3S, relative to P3S's own effect (exact P3S minus plain): 0 = no change, 1 = as
+    large as the whole injection. Same seed, same noise."""
+    plain = _one_step(nodes, m["model"], m["pos"], m["neg"], size)
+    exact = _one_step(nodes, m["p3s"], m["pos"], m["neg"], size)
+    pooled = _one_step(nodes, m["p3s_pooled"], m["pos"], m["neg"], size)
+    with _SpeedupsOff(m["adapter"], m["backend"]):
+        off = _one_step(nodes, m["p3s"], m["pos"], m["neg"], size)
+    effect = exact - plain
+
+    def rel(x):
+        d = x - exact
+        return {"max": float(d.abs().max() / effect.abs().max()), "rms": float(d.norm() / effect.norm())}
+
+    return {"p3s_effect_rms": float(effect.pow(2).mean().sqrt()), "pooled_vs_exact": rel(pooled),
+            "speedups_off_vs_on": rel(off)}
 
 
 def bench_steps(nodes, models, size, args):
@@ -93,17 +136,14 @@ def bench_steps(nodes, models, size, args):
 
     import torch
 
-    model, p3s, p3s0, adapter, pos, neg, cpos, cneg, reg1, reg2 = models
-    setups = {"plain": (model, pos, neg), "p3s": (p3s, pos, neg), "controlnet": (model, cpos, cneg),
-              "p3s+controlnet": (p3s, cpos, cneg), "p3s weight 0": (p3s0, pos, neg),
-              "p3s, speed-ups off": (p3s, pos, neg), "p3s region (left half)": (reg1, pos, neg),
-              "p3s 2 regions (left + right)": (reg2, pos, neg)}
+    setups = _setups(models)
     latent = nodes.NODE_CLASS_MAPPINGS["EmptyLatentImage"]().generate(size, size, 1)[0]
     sampler = nodes.NODE_CLASS_MAPPINGS["KSampler"]()
 
     def run(name, steps):
         m, p, n = setups[name]
-        ctx = _SpeedupsOff(adapter) if name == "p3s, speed-ups off" else contextlib.nullcontext()
+        ctx = _SpeedupsOff(models["adapter"], models["backend"]) if name == "p3s, speed-ups off" \
+            else contextlib.nullcontext()
         with ctx:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -180,11 +220,15 @@ def child(args):
             continue
         row = {"attention": args.attention, "kernel": kernel, "size": size,
                "steps_per_variant": steps, "goals": goals(steps)}
+        try:
+            row["output_effects"] = output_effects(nodes, models, size)
+        except Exception as e:
+            row["output_effects_error"] = repr(e)[:500]
         if not args.skip_profile and not past(args.stop_at):
-            model, p3s, _, adapter, pos, neg, _, _ = models
+            m = models
             try:
-                row["profile"] = prof.profile_step(nodes, model, p3s, adapter, pos, neg, size,
-                                                   args.profile_reps, layer_map)
+                row["profile"] = prof.profile_step(nodes, m["model"], m["p3s"], m["adapter"], m["pos"], m["neg"],
+                                                   size, args.profile_reps, layer_map)
             except Exception as e:
                 row["profile_error"] = repr(e)[:500]
         row["wall_seconds"] = time.time() - t0

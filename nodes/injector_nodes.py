@@ -5,6 +5,7 @@ from .common import ADAPTER, CATEGORY, SCHEDULE, check_choice, check_image_batch
 
 APPLY_TO = ["cond and uncond", "cond only"]
 REFERENCE_MODES = ["one reference", "average copy features"]  # = p3s_core.encoder.REFERENCE_MODES
+LEVEL0_KEYS = ["all (exact)", "pooled 2x2 (faster)"]  # = p3s_core.comfy_backend.LEVEL0_KEYS
 
 
 class P3SConditionInjector:
@@ -41,12 +42,13 @@ class P3SConditionInjector:
                 "reference_mode": (list(REFERENCE_MODES), {"default": REFERENCE_MODES[0], "tooltip": "'one reference': the reference at reference_index. 'average copy features': the copy runs once per reference and its features are averaged (N times the copy's cost per step)."}),
                 "region": ("MASK", {"tooltip": "Where in the image this subject goes (1 = inside). Tokens outside attend exactly as in the plain model; any size (stretched to the image). From P3S Region, Solid Mask, Mask Composite or Load Image's MASK. Not connected: everywhere; an all-zero mask: the plain model."}),
                 "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Soft edge of the region, as a fraction of the mask's shorter side (0 = hard edge). Only used with a region."}),
+                "level0_keys": (list(LEVEL0_KEYS), {"default": LEVEL0_KEYS[0], "tooltip": "Speed/accuracy (not in the paper). 'all (exact)': Eq. 7 as written. 'pooled 2x2 (faster)': in the 5 highest-resolution self-attention layers the subject's extra keys are averaged over 2x2 tokens (a quarter as many), which removes most of P3S's extra attention cost at 512 px and weakens fine subject detail a little; the README gives the measured speed and change."}),
             },
         }
 
     def inject(self, model, adapter, reference=None, vae=None, clip_vision=None, lam=0.2, strength=1.0,
                apply_to="cond and uncond", schedule=None, reference_index=0, reference_mode=REFERENCE_MODES[0],
-               region=None, feather=0.0):
+               region=None, feather=0.0, level0_keys=LEVEL0_KEYS[0]):
         import torch
 
         from ..p3s_core import comfy_backend as backend
@@ -81,6 +83,7 @@ class P3SConditionInjector:
         strength = check_number(strength, "strength", 0.0, 5.0, "use a strength between 0 and 5 (0 = the plain model)")
         check_choice(apply_to, "apply_to", APPLY_TO)
         check_choice(reference_mode, "reference_mode", list(REFERENCE_MODES))
+        check_choice(level0_keys, "level0_keys", list(LEVEL0_KEYS))
         reference_index = check_int(reference_index, "reference_index", 0, 63,
                                     f"pick a reference index from 0 to {count - 1}")
         check_reference_index(reference_index, count)
@@ -102,5 +105,6 @@ class P3SConditionInjector:
             i2 = adapter.encode_reference(latent.to(p.device, p.dtype), hidden.to(p.device, p.dtype))
         patched, _ = backend.apply_injector(model, adapter, i2, schedule, lam=lam, strength=strength,
                                             apply_to=apply_to, reference_index=int(reference_index),
-                                            reference_mode=reference_mode, region=region)
+                                            reference_mode=reference_mode, region=region,
+                                            level0_keys=level0_keys)
         return (patched,)

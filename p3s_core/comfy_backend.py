@@ -16,7 +16,12 @@ ComfyUI APIs this pack relies on, all present in 0.3.75 and 0.33 (look here when
   transformer_options, **kwargs)`` where ``x`` is the UNet input and ``timesteps`` the 0..999 index;
 - ``comfy.model_patcher.ModelPatcher`` / ``CoreModelPatcher`` (0.33: ``ModelPatcherDynamic`` under
   Dynamic VRAM) and ``comfy.model_management`` to load the adapter;
-- ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``.
+- ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``;
+- ``transformer_options["optimized_attention_override"]`` called as ``fn(func, q, k, v, heads,
+  **kwargs)`` by ComfyUI's ``wrap_attn`` around every attention kernel (``func`` the kernel it
+  picked, ``__name__`` ``attention_sub_quad`` for its CPU default), and
+  ``comfy.ldm.modules.attention.attention_pytorch`` (its PyTorch SDPA kernel), used by
+  :class:`_ExtendedAttentionRoute`.
 
 Regional injection (issue 16, math in ``region.py``) also relies on, in both versions:
 - ``ModelPatcher.set_model_attn1_output_patch(fn)`` (a chained list) with ``fn(n, extra_options)``
@@ -35,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import ModelMismatchError
-from .injection import DEFAULT_LAMBDA, append_kv_slot, injected_context_value, interleave_slots
+from .injection import DEFAULT_LAMBDA, append_kv_slot, injected_context_value
 from .region import Region, blend_tokens
 
 APPLY_TO = ("cond and uncond", "cond only")
@@ -167,6 +172,15 @@ def _layer_key(extra_options) -> str:
     return layer_key(extra_options["block"], extra_options.get("block_index", 0))
 
 
+def _level_of_key() -> dict:
+    from .copy_unet import LAYER_MAP
+
+    return {e["key"]: e["level"] for e in LAYER_MAP}
+
+
+_LEVEL = _level_of_key()
+
+
 def token_grid(n_tokens: int, original_shape):
     """The (h, w) grid of a layer's ``n_tokens`` in a UNet whose input latent is ``original_shape``
     (each level halves the size, rounding up as the stride-2 convs do); None if no level fits."""
@@ -202,6 +216,8 @@ class _Bank:
     replaced: frozenset = frozenset()  # attn1 blocks another node replaced in this model call
     others: tuple = ()  # names of the other nodes' attn1 patches (for error messages)
     region: object = None  # _RegionRun of this step when the injector has a region (issue 16)
+    route: object = None  # _ExtendedAttentionRoute of this step (None: ComfyUI's kernel for every call)
+    pool_level0: bool = False  # opt-in: level-0 copy tokens pooled 2x2 in the extra keys (LEVEL0_KEYS)
 
 
 #: ``extra_options`` key (one dict per transformer-block call) counting the K/V entries per token
@@ -235,6 +251,57 @@ def _other_attn1_patches(transformer_options) -> tuple:
     return tuple(dict.fromkeys(describe_patch(p) for p in patches if not isinstance(p, P3SInjectorPatch)))
 
 
+#: Level-0 extra keys (issue 14): "all (exact)" is Eq. 7 as written; the opt-in pools the copy
+#: feature 2x2 in the extra K/V of the four-times-larger level-0 layers (a quarter of their extra
+#: attention cost; the value's ``z + lam f`` keeps every token). Not the paper's; measured in the benchmark.
+LEVEL0_KEYS = ("all (exact)", "pooled 2x2 (faster)")
+
+
+class _ExtendedAttentionRoute:
+    """ComfyUI ``optimized_attention_override`` for one P3S model call (Eq. 8's kernel, issue 14).
+
+    When ComfyUI runs its sub-quadratic kernel (its CPU default, chunked ``baddbmm`` + softmax),
+    the self-attention calls whose keys P3S extended go through ComfyUI's own PyTorch SDPA kernel
+    instead (the same softmax(QK^T/sqrt d)V, fused: no [queries x keys] matrix written to memory);
+    every other call (the plain layers, cross-attention, masked calls) reaches the kernel ComfyUI
+    picked, or another node's override, unchanged. The attn1 patch announces the (batch, key
+    tokens) of the call it extended; only a call of exactly that shape is routed.
+    """
+
+    #: class switch (benchmark "speed-ups off", tests); routed kernels by ComfyUI function name
+    enabled = True
+    KERNELS = ("attention_sub_quad",)
+
+    def __init__(self, previous=None):
+        self.previous = previous
+        self.expect = None
+        self.routed = 0
+
+    def __call__(self, func, *args, **kwargs):
+        expect, k = self.expect, (args[1] if len(args) > 1 else None)
+        if (expect is not None and len(args) == 4 and isinstance(k, torch.Tensor) and k.dim() == 3
+                and (k.shape[0], k.shape[1]) == expect and kwargs.get("mask") is None
+                and not kwargs.get("skip_reshape", False) and getattr(func, "__name__", "") in self.KERNELS):
+            import comfy.ldm.modules.attention as attention
+
+            self.expect = None
+            self.routed += 1
+            return attention.attention_pytorch(*args, **kwargs)
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _pooled_tokens(f: torch.Tensor, original_shape) -> torch.Tensor | None:
+    """2x2 average pool of a [B, h*w, C] level token map (None when the grid is unknown or odd)."""
+    grid = token_grid(f.shape[1], original_shape) if len(original_shape) >= 2 else None
+    if grid is None or grid[0] % 2 or grid[1] % 2:
+        return None
+    b, _, c = f.shape
+    pooled = torch.nn.functional.avg_pool2d(f.transpose(1, 2).reshape(b, c, *grid), 2)
+    return pooled.flatten(2).transpose(1, 2)
+
+
 class P3SInjectorPatch:
     """The attn1 patch (Eq. 7-8) and the per-step DIFFUSION_MODEL wrapper (Eq. 6, 9-10) of one adapter.
 
@@ -248,13 +315,16 @@ class P3SInjectorPatch:
     def __init__(self, adapter, i2: torch.Tensor | None, schedule, lam: float = DEFAULT_LAMBDA,
                  strength: float = 1.0, apply_to: str = "cond and uncond", model_sampling=None,
                  feature_hook=None, reference_index: int = 0, reference_mode: str = "one reference",
-                 region: Region | None = None):
+                 region: Region | None = None, level0_keys: str = LEVEL0_KEYS[0]):
         from .encoder import REFERENCE_MODES
 
         if apply_to not in APPLY_TO:
             raise ValueError(f"apply_to must be one of {APPLY_TO}")
         if reference_mode not in REFERENCE_MODES:
             raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}")
+        if level0_keys not in LEVEL0_KEYS:
+            raise ValueError(f"level0_keys must be one of {LEVEL0_KEYS}")
+        self.pool_level0 = level0_keys == LEVEL0_KEYS[1]
         self.key = f"p3s_{uuid.uuid4().hex[:12]}"
         self.adapter = adapter
         self.i2 = i2
@@ -317,12 +387,32 @@ class P3SInjectorPatch:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         feats = self.copy_features(x, timesteps, context, active)
         options = dict(transformer_options)
+        route = None
+        if _ExtendedAttentionRoute.enabled:
+            route = _ExtendedAttentionRoute(transformer_options.get("optimized_attention_override"))
+            options["optimized_attention_override"] = route
         options[self.key] = _Bank(features=feats, weight=weight, active=active, lam=self.lam,
                                   replaced=_replaced_attn1(transformer_options),
-                                  others=_other_attn1_patches(transformer_options))
+                                  others=_other_attn1_patches(transformer_options), route=route)
+        options[self.key].pool_level0 = self._pool_level0(options[self.key].others)
         if self.region is not None:
             options[self.key].region = _RegionRun(self.region, getattr(executor, "class_obj", None))
         return executor(x, timesteps, context, y, control, options, **kwargs)
+
+    def _pool_level0(self, others) -> bool:
+        """The opt-in pooled level-0 keys, except beside a node that cuts K/V into tiles by token
+        order (HyperTile, ToMe: only the exact per-token layout keeps each ``z`` with its ``f``)."""
+        if not self.pool_level0:
+            return False
+        tilers = [o for o in others if "HyperTile" in o or "ToMe" in o]
+        if tilers and "tilers" not in self._warned_sizes:
+            self._warned_sizes.add("tilers")
+            import logging
+
+            logging.getLogger("P3S").warning(
+                "[P3S Condition Injector] level0_keys 'pooled 2x2 (faster)' is not used beside %s: "
+                "the exact keys are used instead", ", ".join(tilers))
+        return not tilers
 
     def copy_features(self, x, timesteps, context, active=None):
         """Eq. 6 once per step: the copy on x_t + I'' (I'' fitted to x_t without stretching).
@@ -421,16 +511,26 @@ class P3SInjectorPatch:
                     "changed them", f"remove {self._others(bank)} from the MODEL path of this P3S Condition Injector")
             f = resized
         active = bank.active.to(ctx.device) if bank.active is not None else None
-        if slots == 1 and ctx is val:
-            context, value = injected_context_value(ctx, f, bank.weight, bank.lam, active)
+        pooled = None
+        if bank.pool_level0 and slots == 1 and ctx is val and active is None \
+                and _LEVEL.get(_layer_key(extra_options)) == 0:
+            pooled = _pooled_tokens(f, extra_options.get("original_shape", ()))
+        if pooled is not None:
+            # Opt-in (LEVEL0_KEYS): K' = [z, eps pool(f)], V' = [z + lam eps f, eps pool(f)].
+            w = float(bank.weight)
+            context = torch.cat([ctx, pooled * w], dim=1)
+            value = torch.cat([torch.add(ctx, f, alpha=bank.lam * w), pooled * w], dim=1)
+        elif slots == 1 and ctx is val:
+            context, value = injected_context_value(ctx, f, bank.weight, bank.lam, active, interleaved=True)
             if context is ctx:  # nothing injected in any row: the plain attention, bit for bit
                 return n, context_attn1, value_attn1
-            context, value = interleave_slots(context, 2), interleave_slots(value, 2)
         else:
             # After a second injector or a patch that rewrote K/V per token (a hypernetwork).
             plain = None if active is None else ~active
             context, value = append_kv_slot(ctx, val, f * bank.weight, bank.lam, slots, plain)
         extra_options[KV_SLOTS] = slots + 1
+        if bank.route is not None:
+            bank.route.expect = (context.shape[0], context.shape[1])
         return n, context, value
 
     @staticmethod
@@ -505,7 +605,8 @@ class _RegionRun:
 
 def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.0,
                    apply_to="cond and uncond", feature_hook=None, reference_index=0,
-                   reference_mode="one reference", region: Region | None = None):
+                   reference_mode="one reference", region: Region | None = None,
+                   level0_keys: str = LEVEL0_KEYS[0]):
     """A ``model.clone()`` with the P3S attn1 patch and per-step wrapper installed (chaining-safe)."""
     import comfy.patcher_extension as pe
 
@@ -514,7 +615,7 @@ def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.
     patch = P3SInjectorPatch(adapter, i2, schedule, lam=lam, strength=strength, apply_to=apply_to,
                              model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook,
                              reference_index=reference_index, reference_mode=reference_mode,
-                             region=region)
+                             region=region, level0_keys=level0_keys)
     if patch.strength == 0.0 and feature_hook is None:
         # Speed: weight 0 everywhere is the plain model; install nothing (no per-layer patch
         # call, no wrapper, the adapter is not loaded with the model).

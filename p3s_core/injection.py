@@ -83,6 +83,7 @@ def injected_context_value(
     weight: float | torch.Tensor,
     lam: float = DEFAULT_LAMBDA,
     active: torch.Tensor | Sequence[bool] | None = None,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(context, value)`` for ComfyUI's attn1 so that attention computes Eq. 7-8.
 
@@ -93,6 +94,8 @@ def injected_context_value(
         lam: Eq. 7 ``lambda``.
         active: optional bool ``[B]``: rows that receive the injection (e.g. only the cond rows of
             a CFG batch). ``None`` = every row.
+        interleaved: return the per-token layout of :func:`interleave_slots` (``[z_0, f_0, z_1,
+            f_1, ...]``) directly, one allocation per tensor instead of a concatenation and a copy.
 
     Returns:
         ``context = [z, eps f]`` and ``value = [z + lam eps f, eps f]`` concatenated on the token
@@ -133,7 +136,7 @@ def injected_context_value(
         if w == 0.0:
             return z, z
         fs = f.to(device=z.device, dtype=z.dtype) * w
-        return torch.cat([z, fs], dim=1), torch.cat([z + lam_f * fs, fs], dim=1)
+        return _join(z, fs, torch.add(z, fs, alpha=lam_f), fs, interleaved)
 
     # Per-row path.
     if isinstance(w, float):
@@ -146,13 +149,22 @@ def injected_context_value(
     if not bool(on.any()):
         return z, z
     fs = f.to(device=z.device, dtype=z.dtype) * w_rows.view(batch, 1, 1)
-    context = torch.cat([z, fs], dim=1)
-    value = torch.cat([z + lam_f * fs, fs], dim=1)
+    context, value = _join(z, fs, torch.add(z, fs, alpha=lam_f), fs, interleaved)
     if bool(on.all()):
         return context, value
-    plain = torch.cat([z, z], dim=1)
+    plain = _join(z, z, z, z, interleaved)[0]
     keep = on.view(batch, 1, 1)
     return torch.where(keep, context, plain), torch.where(keep, value, plain)
+
+
+def _join(k0: torch.Tensor, k1: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, interleaved: bool):
+    """``([k0, k1], [v0, v1])`` on the token axis, concatenated or per token interleaved
+    (:func:`interleave_slots` of the concatenation, built in one pass)."""
+    if not interleaved:
+        return torch.cat([k0, k1], dim=1), torch.cat([v0, v1], dim=1)
+    b, n, c = k0.shape
+    return (torch.stack([k0, k1], dim=2).reshape(b, 2 * n, c),
+            torch.stack([v0, v1], dim=2).reshape(b, 2 * n, c))
 
 
 def interleave_slots(x: torch.Tensor, slots: int) -> torch.Tensor:

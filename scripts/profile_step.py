@@ -137,10 +137,12 @@ def profile_step(nodes, plain_model, p3s_model, adapter, pos, neg, size: int, re
     return out
 
 
-def build_models(nodes, pack, size: int):
+def build_models(nodes, pack, size: int) -> dict:
     """The random SD1.5 + a P3S adapter initialised from it (active zero convs), as the benchmark
-    builds them: ``(model, p3s_model, p3s_model_weight0, adapter, pos, neg, cpos, cneg, region1,
-    region2)``, the last two with one injector on the left half and a second on the right (issue 16)."""
+    builds them: a dict with ``model``, ``p3s``, ``p3s0`` (weight 0), ``p3s_pooled`` (the opt-in
+    pooled level-0 keys), ``adapter``, ``backend`` (the pack's comfy_backend), ``pos``/``neg``,
+    ``cpos``/``cneg`` (with a ControlNet), ``reg1``/``reg2`` (one injector on the left half, a second
+    on the right, issue 16)."""
     import importlib
 
     import torch
@@ -166,14 +168,19 @@ def build_models(nodes, pack, size: int):
     adapter = adapter.eval().requires_grad_(False)
     ref = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
     inj = node["P3SConditionInjector"]()
+    out = {"model": model, "adapter": adapter, "backend": core("comfy_backend"),
+           "pos": pos, "neg": neg, "cpos": cpos, "cneg": cneg}
     with torch.inference_mode():
-        p3s = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond")[0]
-        p3s0 = inj.inject(model, adapter, ref, vae, clipv, 0.2, 0.0, "cond and uncond")[0]
+        out["p3s"] = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond")[0]
+        out["p3s0"] = inj.inject(model, adapter, ref, vae, clipv, 0.2, 0.0, "cond and uncond")[0]
+        out["p3s_pooled"] = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond",
+                                       level0_keys="pooled 2x2 (faster)")[0]
         left = torch.zeros(1, size, size)
         left[:, :, : size // 2] = 1.0
-        reg1 = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond", region=left)[0]
-        reg2 = inj.inject(reg1, adapter, ref.flip(2), vae, clipv, 0.2, 1.0, "cond and uncond", region=1.0 - left)[0]
-    return model, p3s, p3s0, adapter, pos, neg, cpos, cneg, reg1, reg2
+        out["reg1"] = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond", region=left)[0]
+        out["reg2"] = inj.inject(out["reg1"], adapter, ref.flip(2), vae, clipv, 0.2, 1.0, "cond and uncond",
+                                 region=1.0 - left)[0]
+    return out
 
 
 def boot(attention: str, device: str = "cpu"):
@@ -208,11 +215,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
     nodes, pack, kernel = boot(args.attention, args.device)
-    model, p3s, _, adapter, pos, neg, *_ = build_models(nodes, pack, args.size)
+    m = build_models(nodes, pack, args.size)
     import importlib
 
     layer_map = importlib.import_module(f"{pack.__name__}.p3s_core.copy_unet").LAYER_MAP
-    res = profile_step(nodes, model, p3s, adapter, pos, neg, args.size, args.reps, layer_map)
+    res = profile_step(nodes, m["model"], m["p3s"], m["adapter"], m["pos"], m["neg"], args.size, args.reps, layer_map)
     res["attention"], res["kernel"] = args.attention, kernel
     print(json.dumps(res, indent=2))
 

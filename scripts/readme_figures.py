@@ -24,6 +24,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 NAMES = {"plain": "plain SD1.5", "p3s": "+ P3S", "controlnet": "+ ControlNet",
          "p3s+controlnet": "+ P3S + ControlNet", "p3s weight 0": "P3S at weight 0",
          "p3s, speed-ups off": "+ P3S, speed-ups off (before)",
+         "p3s, level-0 keys pooled": "+ P3S, opt-in pooled level-0 keys",
          "p3s region (left half)": "+ P3S in a region (left half)",
          "p3s 2 regions (left + right)": "+ 2 P3S injectors in 2 regions (left, right)"}
 BACKENDS = {"sdpa": "SDPA", "subquad": "sub-quad"}
@@ -75,6 +76,20 @@ def render(result: dict) -> str:
         for label, fn in checks:
             lines.append(f"| goal: {label} | " + " | ".join(fn(r["goals"]) for r in runs) + " |")
         lines.append("")
+        eff = [r for r in runs if "output_effects" in r]
+        if eff:
+            h, sep = _head(eff)
+            lines += ["How far one DDIM step's latent moves from exact P3S, relative to P3S's own effect "
+                      "(exact P3S − plain; 0 = unchanged, 1 = as large as the injection; max / rms):", "", h, sep]
+
+            def erow(label, key):
+                lines.append(f"| {label} | " + " | ".join(
+                    f"{r['output_effects'][key]['max']:.2g} / {r['output_effects'][key]['rms']:.2g}"
+                    for r in eff) + " |")
+
+            erow("opt-in pooled level-0 keys", "pooled_vs_exact")
+            erow("speed-ups off (float rounding only)", "speedups_off_vs_on")
+            lines.append("")
         prof = [r for r in runs if "profile" in r]
         if prof:
             h, sep = _head(prof)
@@ -134,10 +149,18 @@ results are committed (`benchmarks/results/bench.json`); this section is generat
 (`tests/unit/test_readme_figures.py` checks it). Training: `benchmarks/bench_train.py --epoch-images 5`
 times one real epoch of the Trainer's loop.
 
-Speed-ups (each exact within float32 rounding, each with a test in `tests/unit/test_speed_equivalence.py`):
-the copy computes its text-independent start (time embedding, level 0's ResBlock and self-attention) once for the two CFG halves; the 16 zero convs run as
-linear maps on the tokens; with `cond only` the copy runs on the cond rows only; at weight 0 nothing is
-installed. The RNGR letterbox and mask post-processing compute the same numbers with fewer passes.
+Speed-ups (each exact within float32 rounding, each with a test in `tests/unit/test_speed_equivalence.py`,
+`tests/unit/test_injection.py` or `tests/integration/test_attention_speed.py`):
+the copy computes its text-independent start (time embedding, level 0's ResBlock and self-attention) once
+for the two CFG halves; the 16 zero convs run as linear maps on the tokens; with `cond only` the copy runs
+on the cond rows only; at weight 0 nothing is installed; the extended K/V are built in their per-token
+layout in one pass; under ComfyUI's sub-quadratic kernel (its CPU default) the 16 self-attentions whose
+keys P3S extended go through ComfyUI's own PyTorch SDPA kernel (every other attention call is left to the
+kernel ComfyUI picked). The RNGR letterbox and mask post-processing compute the same numbers with fewer passes.
+
+Opt-in, not exact: the Condition Injector's `level0_keys = pooled 2x2 (faster)` averages the subject's
+extra keys over 2×2 tokens in the five highest-resolution self-attention layers (a quarter of their extra
+attention); its speed and how far it moves the output are in the tables below.
 
 ### Latest benchmark
 """

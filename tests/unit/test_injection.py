@@ -195,3 +195,21 @@ def test_bad_weight_and_mask_raise(setup):
         injected_context_value(z, f, 1.0, active=torch.ones(B - 1, dtype=torch.bool))
     with pytest.raises(InjectionInputError, match="'z'"):
         injected_context_value(z[0], f[0], 1.0)
+
+
+@pytest.mark.parametrize("weight,active", [(0.7, None), (torch.tensor([0.0, 1.0, 0.5]), None),
+                                           (0.9, torch.tensor([True, False, True]))])
+def test_interleaved_layout_is_the_interleaved_concatenation_bit_for_bit(setup, weight, active):
+    """``interleaved=True`` (what the ComfyUI patch uses, one pass) equals the concatenated Eq. 7
+    K/V reordered by :func:`interleave_slots`, exactly; the attention of both layouts agrees."""
+    from p3s_core.injection import interleave_slots
+
+    z, f, wq, wk, wv = setup
+    c_cat, v_cat = injected_context_value(z, f, weight, lam=0.2, active=active)
+    c_int, v_int = injected_context_value(z, f, weight, lam=0.2, active=active, interleaved=True)
+    assert c_int.shape == (B, 2 * N, C)
+    assert torch.equal(c_int, interleave_slots(c_cat, 2)) and torch.equal(v_int, interleave_slots(v_cat, 2))
+    assert torch.equal(c_int[:, 0::2], z)  # slot 0 of every token is that token's own z
+    a = comfy_like_attn1(z, c_cat, v_cat, wq, wk, wv, HEADS)
+    b = comfy_like_attn1(z, c_int, v_int, wq, wk, wv, HEADS)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
