@@ -410,3 +410,37 @@ def test_a_landscape_reference_reaches_the_copy_undistorted(comfy, sd15, clip_vi
     assert float((got - stretched).abs().max()) > 1e-2  # not the old stretch
     assert any("aspect" in r.getMessage() for r in caplog.records)
 
+
+def test_trainer_other_photo_pairs_each_target_with_the_other_photo(comfy, sd15, clip_vision, monkeypatch):
+    """reference_pairing = 'other photo' through the real P3S Trainer: with two photos every step's
+    reference I' is the OTHER photo's latent (flipped left-right or not), never the target itself."""
+    tr = comfy.core("comfy_backend_train")
+    build = tr.build_step_fn
+    seen = []
+
+    def recording_build(*args, **kwargs):
+        ctx = build(*args, **kwargs)
+        step = ctx.step_fn
+
+        def step_fn(adapter, x0, *a, **kw):
+            seen.append((x0.detach().clone(), kw.get("ref_latent")))
+            return step(adapter, x0, *a, **kw)
+
+        ctx.step_fn = step_fn
+        return ctx
+
+    monkeypatch.setattr(tr, "build_step_fn", recording_build)
+    photos = torch.cat([_photo(21), _photo(22)])
+    out = _train(comfy, sd15, clip_vision, photos, epochs=2, save_name="p3s_fid_other",
+                 reference_pairing="other photo")
+    stored = out["result"][0].reference["latent"]  # the two photos' latents, in order
+    assert stored.shape[0] == 2 and not torch.equal(stored[0], stored[1])
+    assert len(seen) == 4
+    for x0, ref in seen:
+        target = [i for i in range(2) if torch.equal(x0[0].float().cpu(), stored[i])]
+        assert len(target) == 1
+        other = stored[1 - target[0]]
+        assert ref is not None
+        ref = ref[0].float().cpu()
+        assert torch.equal(ref, other) or torch.equal(ref, torch.flip(other, dims=(-1,)))
+    assert {i for x0, _ in seen for i in range(2) if torch.equal(x0[0].float().cpu(), stored[i])} == {0, 1}
