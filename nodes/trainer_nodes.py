@@ -60,6 +60,8 @@ class P3STrainer:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..p3s_core.train import CHECKPOINTING_CHOICES
+
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The SD1.5 MODEL to train against (frozen). LoRAs applied to it are trained with."}),
@@ -80,26 +82,41 @@ class P3STrainer:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional subject mask(s) (one per photo or one for all): the denoising loss counts the background at 0.1x, so the subject drives training."}),
                 "resume_adapter": (ADAPTER, {"tooltip": "Continue training this adapter (its step count continues) instead of starting from the base model."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the frozen UNet in the backward pass: less GPU memory, slower steps."}),
+                "gradient_checkpointing": (list(CHECKPOINTING_CHOICES), {"default": "auto", "tooltip": "Recompute the frozen UNet's blocks in the backward pass: less memory, slower steps. 'auto' (default): on where it pays (on a GPU always; on the CPU from resolution 256), off otherwise. Workflows saved with true/false still run (true = on, false = off)."}),
                 "ac_reading": (["mass", "literal"], {"default": "mass", "tooltip": "Normalisation of L_ac (Eq. 11-12). 'mass' (default): summed squared difference over the mean map mass, the mean per-query distance between the two attention maps, so gamma*L_ac actually steers training. 'literal': the equation as printed (MSE / mass, about 1e-9: no effect)."}),
                 "reference_pairing": (["self", "other photo"], {"default": "self", "tooltip": "Which reference I' each training step sees. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose."}),
+                "reproducible": ("BOOLEAN", {"default": True, "tooltip": "On the CPU: train on one thread, so the same seed writes the same adapter file byte for byte (with several threads the backward pass differs in the last bits from run to run). Costs step time on multi-core CPUs (see the README). No effect on GPUs."}),
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, gradient_checkpointing="auto"):
+        """Replaces ComfyUI's list check of ``gradient_checkpointing`` only: the choices, plus the
+        true/false of workflows saved when it was a BOOLEAN (ComfyUI would refuse those)."""
+        from ..p3s_core.errors import P3SError
+        from ..p3s_core.train import checkpointing_choice
+
+        try:
+            checkpointing_choice(gradient_checkpointing)
+        except P3SError as exc:
+            return str(exc)
+        return True
+
     def train(self, model, clip, vae, clip_vision, images, prompt, identifier, epochs, learning_rate, gamma,
-              resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing=False,
-              ac_reading="mass", reference_pairing="self"):
+              resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing="auto",
+              ac_reading="mass", reference_pairing="self", reproducible=True):
         from ..p3s_core import comfy_backend as backend
         from ..p3s_core import comfy_backend_train as trainer
         from ..p3s_core.copy_unet import CopyUNetConfig
         from ..p3s_core.errors import AdapterFileError, ModelMismatchError, TrainingConfigError
-        from ..p3s_core.train import TrainSettings, plot_losses
+        from ..p3s_core.train import TrainSettings, checkpointing_choice, plot_losses
         from .paths import save_folder
 
         # --- validate everything before any work -----------------------------------------------
         check_image_batch(images, "images")  # the same IMAGE checks as every P3S node (RGB, finite, float)
         check_text(prompt, "prompt", fix="write a short prompt such as 'a photo of sks dog'")
         mask = _check_mask(images, mask)
+        checkpointing = checkpointing_choice(gradient_checkpointing)  # None: on where it pays
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
                                  resolution=resolution, save_every=save_every,
                                  identifier=str(identifier).strip(), ac_reading=ac_reading,
@@ -134,10 +151,14 @@ class P3STrainer:
         path = os.path.join(folder, name)
         adapter, result, start = trainer.run_training(
             model, clip, vae, clip_vision, images, prompt, settings, path, masks=mask,
-            resume=resume_adapter, gradient_checkpointing=bool(gradient_checkpointing))
+            resume=resume_adapter, gradient_checkpointing=checkpointing,
+            reproducible=bool(reproducible))
         parts = trainer.plot_parts(result.ldm_losses, result.weighted_ac_losses)
         plot = numpy_to_image([plot_losses(result.losses, 512, 256, start, parts=parts).astype("float32") / 255.0])
         text = (f"{name}: {result.steps} steps, last loss {result.losses[-1]:.5f} = L_LDM "
                 f"{result.ldm_losses[-1]:.5f} + gamma*L_ac {result.weighted_ac_losses[-1]:.5f}"
                 if result.losses else name)
+        used = (adapter.training_info or {}).get("gradient_checkpointing")
+        if used is not None:
+            text += f"; gradient checkpointing {'on' if used else 'off'}" + (" (auto)" if checkpointing is None else "")
         return {"ui": {"text": [text]}, "result": (adapter, name, plot)}

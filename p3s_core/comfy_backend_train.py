@@ -596,7 +596,7 @@ def new_training_adapter(unet, resume=None, seed: int = 0):
 
 def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: TrainSettings,
                  save_path, masks=None, resume=None, gradient_checkpointing: bool | None = None,
-                 precision: str = "auto", log_every: int = 0):
+                 precision: str = "auto", log_every: int = 0, reproducible: bool = True):
     """Cache inputs, train (:func:`p3s_core.train.train_adapter`) and save atomically to
     ``save_path`` every ``settings.save_every`` steps and at the end.
 
@@ -605,13 +605,15 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
     save), so a cancelled run writes nothing more and the last completed save stays. Returns
     ``(adapter, TrainResult, start_step)``; the adapter is in eval mode on the offload device.
     ``gradient_checkpointing=None`` turns it on where it pays (:func:`checkpointing_pays`).
+    ``reproducible`` (default): on the CPU the steps run on one thread
+    (:func:`p3s_core.train.reproducible_threads`), so the same seed writes the same adapter bytes.
     """
     import comfy.model_management as mm
     import comfy.utils
 
     from .adapter import save_adapter
     from .errors import AdapterFileError
-    from .train import plot_losses, train_adapter
+    from .train import plot_losses, reproducible_threads, train_adapter
 
     settings.validate(prompt)
     device = mm.get_torch_device()
@@ -631,7 +633,9 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         _warn_if_other_base(adapter, unet)
         with torch.inference_mode(False):
             adapter.to(device)
-        info_base = {"prompt": prompt, "images": len(batches), "settings": settings.to_dict()}
+        info_base = {"prompt": prompt, "images": len(batches), "settings": settings.to_dict(),
+                     "gradient_checkpointing": bool(gradient_checkpointing),  # the effective choice
+                     "reproducible": bool(reproducible)}
         ctx = build_step_fn(model, adapter, settings, unet=unet, device=device,
                             gradient_checkpointing=gradient_checkpointing, precision=precision)
         local_total = settings.epochs * len(batches)
@@ -683,8 +687,9 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
 
         try:
             adapter.reference = stored_reference(batches)
-            result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step,
-                                   start_step=start_step, device=device, on_parts=on_parts)
+            with reproducible_threads(device, reproducible):
+                result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step,
+                                       start_step=start_step, device=device, on_parts=on_parts)
         except TrainingDivergedError as exc:
             kept = (f"the save of step {saved[-1]} in {save_path} is kept" if saved
                     else f"nothing was saved by this run ({save_path} is unchanged)")

@@ -37,6 +37,7 @@ Decisions where the paper is vague:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,8 @@ __all__ = [
     "train_adapter",
     "trainable_parameters",
     "make_optimizer",
+    "checkpointing_choice",
+    "reproducible_threads",
     "masked_ldm_loss",
     "contains_identifier",
     "estimate_adapter_bytes",
@@ -71,7 +74,46 @@ AC_LAYERS = ("last", "all")
 AC_READINGS = ("mass", "literal")
 #: Which reference I' a training step sees: the photo itself (paper) or another photo, flipped at random.
 REFERENCE_PAIRINGS = ("self", "other photo")
+#: Gradient checkpointing of the frozen UNet: "auto" turns it on where it pays
+#: (:func:`p3s_core.comfy_backend_train.checkpointing_pays`).
+CHECKPOINTING_CHOICES = ("auto", "on", "off")
 _MAX_SEED = 2 ** 64 - 1
+
+
+@contextlib.contextmanager
+def reproducible_threads(device=None, enabled: bool = True):
+    """Run the enclosed training steps on ONE intra-op CPU thread (the previous count is restored
+    after), so the same seed gives the same adapter bytes on the CPU.
+
+    Measured (issue 12, random SD1.5 at 64^2 through the P3S Trainer, 2-thread CPU): with two threads
+    two same-seed runs give bit-identical inputs, copy features and losses, but the gradients reaching
+    the input- and middle-level zero convs differ in the last bits from run to run (a multi-threaded
+    CPU backward kernel deep in the frozen UNet; the same ops in isolation are reproducible), which
+    AdamW's first step turns into differences of up to 4e-7; with one thread the files are identical.
+    No effect when ``enabled`` is False, on other devices (GPU kernels are not made deterministic
+    here), or when torch already runs one thread. The thread count is process-wide while it lasts."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    before = torch.get_num_threads()
+    if not enabled or dev.type != "cpu" or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def checkpointing_choice(value) -> bool | None:
+    """The Trainer's ``gradient_checkpointing`` choice as the core's flag: ``"auto"`` -> None (on
+    where it pays), ``"on"`` -> True, ``"off"`` -> False. ``True`` / ``False`` (workflows saved when
+    the input was a BOOLEAN) mean "on" / "off". Anything else: :class:`TrainingConfigError`."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, str) and value in CHECKPOINTING_CHOICES:
+        return None if value == "auto" else value == "on"
+    raise TrainingConfigError("gradient_checkpointing", f"{value!r} is not one of {CHECKPOINTING_CHOICES}",
+                              "choose auto (on where it pays), on or off")
 
 
 def contains_identifier(prompt: str, identifier: str) -> bool:

@@ -518,6 +518,36 @@ def test_injector_schedule_not_a_schedule(comfy, inject_args):
         inject(comfy, inject_args, schedule={"mode": "paper"})
 
 
+@pytest.mark.parametrize("name,value,problem", [("reference_index", 64, "outside [0, 63]"),
+                                                ("reference_mode", "average latents", "not one of the options")])
+def test_injector_reference_setting_out_of_range(comfy, inject_args, name, value, problem):
+    fix = {"reference_index": "from 0 to 0", "reference_mode": "'average copy features'"}[name]
+    with expect(comfy, "SettingError", name, fix, problem):
+        inject(comfy, inject_args, **{name: value})
+
+
+def test_injector_reference_index_beyond_the_references(comfy, inject_args):
+    """Index 2 of two connected photos (0 and 1): refused before the VAE or CLIP vision runs."""
+    with expect(comfy, "ImageInputError", "reference_index", "pick a reference index from 0 to 1",
+                "2 is not a reference of the 2 given (0..1)"):
+        inject(comfy, inject_args, reference=images(2, 64, 64), reference_index=2)
+
+
+@pytest.mark.parametrize("missing", ["vae", "clip_vision"])
+def test_injector_reference_without_its_encoder(comfy, inject_args, missing):
+    fix = {"vae": "connect the checkpoint's VAE", "clip_vision": "clip-vit-large-patch14"}[missing]
+    with expect(comfy, "ModelMismatchError", missing, fix, "a reference photo is connected but no"):
+        inject(comfy, inject_args, **{missing: None})
+
+
+def test_injector_old_adapter_without_reference(comfy, inject_args):
+    """An adapter saved before adapters stored their cleaned photos, and no reference connected."""
+    assert inject_args["adapter"].reference is None
+    with expect(comfy, "ImageInputError", "reference", "re-train the adapter with this version",
+                "this adapter file stores no reference"):
+        inject(comfy, inject_args, reference=None, vae=None, clip_vision=None)
+
+
 # =========================================================================== region (issue 16)
 
 
@@ -595,7 +625,7 @@ def good_file(comfy, tiny_adapter, p3s_folder):
 
 
 def rewrite(safe_io, good: Path, name: str, meta_update=None, drop_first=False, reshape_all=False,
-            nan_first=False) -> str:
+            nan_first=False, add=None) -> str:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -611,6 +641,7 @@ def rewrite(safe_io, good: Path, name: str, meta_update=None, drop_first=False, 
         first = sorted(tensors)[0]
         tensors[first] = tensors[first].clone().reshape(-1).index_fill_(0, torch.tensor([0]), float("nan")).reshape(
             tensors[first].shape)
+    tensors.update(add or {})
     safe_io.atomic_save_safetensors(tensors, good.parent / name, meta)
     return name
 
@@ -657,6 +688,14 @@ def bad_adapter_files(safe_io, good: Path, tmp: Path) -> dict:
     (folder / "bad_corrupt_metadata.safetensors").write_bytes(bytes(corrupt))
     out["bad_corrupt_metadata.safetensors"] = ("the safetensors header (tensor list and metadata) is corrupted",
                                                "re-save or re-train the adapter")
+    # a stored reference (issue 12) cut short, or of shapes no SD1.5 latent / CLIP grid has
+    ref = {"reference.latent": torch.zeros(1, 4, 8, 8), "reference.clip_hidden": torch.zeros(1, 257, 16)}
+    out[rewrite(safe_io, good, "bad_reference_incomplete.safetensors",
+                add={"reference.latent": ref["reference.latent"]})] = (
+        "its stored reference is incomplete or unknown", "re-train the adapter")
+    out[rewrite(safe_io, good, "bad_reference_shapes.safetensors",
+                add={**ref, "reference.latent": torch.zeros(2, 3, 8, 8)})] = (
+        "its stored reference has shapes (2, 3, 8, 8) / (1, 257, 16)", "re-train the adapter")
     out[rewrite(safe_io, good, "bad_nan_weights.safetensors", nan_first=True)] = (
         "holds NaN or infinite weights in 1 tensors", "use an earlier save or re-train with a lower learning_rate")
     return out
@@ -671,7 +710,8 @@ def bad_files(comfy, good_file, tmp_path_factory):
 BAD_FILE_NAMES = ["bad_truncated.safetensors", "bad_text.safetensors", "bad_pickle_zip.safetensors",
                   "bad_pickle_legacy.safetensors", "bad_sdxl_family.safetensors", "bad_newer_format.safetensors",
                   "bad_missing_tensor.safetensors", "bad_wrong_shapes.safetensors", "bad_a_lora.safetensors",
-                  "bad_corrupt_metadata.safetensors"]
+                  "bad_corrupt_metadata.safetensors", "bad_reference_incomplete.safetensors",
+                  "bad_reference_shapes.safetensors"]
 
 
 @pytest.mark.parametrize("name", BAD_FILE_NAMES)
@@ -837,6 +877,14 @@ def test_trainer_model_not_sd15(comfy, train_args, other_models):
 def test_trainer_clip_vision_not_vit_l14(comfy, train_args, other_clip_visions):
     with expect(comfy, "ModelMismatchError", "clip_vision", "clip-vit-large-patch14", "not OpenAI CLIP ViT-L/14"):
         train(comfy, train_args, clip_vision=other_clip_visions["ViT-H/14-shaped"])
+
+
+@pytest.mark.parametrize("name,value", [("ac_reading", "printed"), ("reference_pairing", "random photo"),
+                                        ("gradient_checkpointing", "sometimes")])
+def test_trainer_choice_not_in_list(comfy, train_args, name, value):
+    fix = {"ac_reading": "'mass'", "reference_pairing": "'other photo'", "gradient_checkpointing": "auto"}[name]
+    with expect(comfy, "TrainingConfigError", name, fix, "is not one of"):
+        train(comfy, train_args, **{name: value})
 
 
 def test_catalogue_lists_every_test():

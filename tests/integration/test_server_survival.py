@@ -283,6 +283,13 @@ def injector_graph(image=None, **over) -> dict:
     return g
 
 
+def without(graph: dict, node: str, *names) -> dict:
+    """``graph`` with the inputs ``names`` of ``node`` left unconnected."""
+    for name in names:
+        del graph[node]["inputs"][name]
+    return graph
+
+
 def region_graph(image=None, **over) -> dict:
     """A P3S Region node whose preview is shown (so it runs), for the region rows."""
     inputs = dict(shape="box", width=64, height=64, left=0.25, top=0.25, right=0.75, bottom=0.75, invert=False)
@@ -401,8 +408,18 @@ P3S_PROMPTS = {
         "bad_truncated.safetensors", "bad_text.safetensors", "bad_pickle_zip.safetensors",
         "bad_pickle_legacy.safetensors", "bad_sdxl_family.safetensors", "bad_newer_format.safetensors",
         "bad_missing_tensor.safetensors", "bad_wrong_shapes.safetensors", "bad_a_lora.safetensors",
-        "bad_corrupt_metadata.safetensors")},
+        "bad_corrupt_metadata.safetensors", "bad_reference_incomplete.safetensors",
+        "bad_reference_shapes.safetensors")},
     "`test_adapter_loader_refuses_non_finite_weights`": [(loader("bad_nan_weights.safetensors"), None)],
+    "`test_injector_reference_index_beyond_the_references`": [
+        (injector_graph(_image(2), reference_index=2), "2 is not a reference of the 2 given (0..1)")],
+    "`test_injector_reference_without_its_encoder[vae]`": [
+        (without(injector_graph(), "inject", "vae"), "a reference photo is connected but no VAE")],
+    "`test_injector_reference_without_its_encoder[clip_vision]`": [
+        (without(injector_graph(), "inject", "clip_vision"), "a reference photo is connected but no CLIP vision")],
+    # survival_good.safetensors is an adapter without a stored reference (as saved before issue 12)
+    "`test_injector_old_adapter_without_reference`": [
+        (without(injector_graph(), "inject", "reference", "vae", "clip_vision"), "this adapter file stores no reference")],
     "`test_injector_bad_region[batch_of_two]`": [
         (with_nodes(injector_graph(region=["m", 0]), _mask("three")), "one region per injector is needed")],
     "`test_injector_feather_out_of_range[nan-…]`": [(injector_graph(feather=float("nan")), "not a finite number")],
@@ -452,6 +469,16 @@ REFUSED_400 = {
                                                     "return_type_mismatch"),
     "`test_injector_bad_region[image_not_mask]`": (injector_graph(region=["load", 0]), "return_type_mismatch"),
     "`test_injector_feather_out_of_range[0.7-…]`": (injector_graph(feather=0.7), "value_bigger_than_max"),
+    "`test_injector_reference_setting_out_of_range[reference_index-64-…]`": (injector_graph(reference_index=64),
+                                                                             "value_bigger_than_max"),
+    "`test_injector_reference_setting_out_of_range[reference_mode-…]`": (
+        injector_graph(reference_mode="average latents"), "value_not_in_list"),
+    "`test_trainer_choice_not_in_list[ac_reading-printed]`": (trainer_graph(ac_reading="printed"), "value_not_in_list"),
+    "`test_trainer_choice_not_in_list[reference_pairing-random photo]`": (
+        trainer_graph(reference_pairing="random photo"), "value_not_in_list"),
+    # the P3S Trainer's VALIDATE_INPUTS (it also accepts the true / false of older workflows)
+    "`test_trainer_choice_not_in_list[gradient_checkpointing-sometimes]`": (
+        trainer_graph(gradient_checkpointing="sometimes"), "custom_validation_failed"),
     "`test_region_node_setting_out_of_range[left-1.5-…]`": (region_graph(left=1.5), "value_bigger_than_max"),
     "`test_region_node_setting_out_of_range[shape-circle-…]`": (region_graph(shape="circle"), "value_not_in_list"),
     "`test_region_node_setting_out_of_range[width-4-…]`": (region_graph(width=4), "value_smaller_than_min"),

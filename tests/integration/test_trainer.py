@@ -361,3 +361,67 @@ def test_divergence_reports_and_keeps_the_last_save(comfy, sd15, clip_vision, ph
     with torch.inference_mode():
         kept = comfy.node("P3SAdapterLoader")().load("p3s_it_diverged.safetensors")[0]
     assert kept.training_info["steps"] == 1 and not _tmp_files(folder)
+
+
+def _validate_trainer_prompt(comfy, value):
+    """ComfyUI's own prompt validation (execution.validate_inputs) of a P3S Trainer whose
+    gradient_checkpointing is ``value`` (its upstream loaders marked valid: only this node is checked)."""
+    import asyncio
+
+    import execution
+
+    link = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "clip_vision": ["2", 0], "images": ["3", 0]}
+    widgets = {k: v for k, v in _node_args(SimpleNamespace(model=0, clip=0, vae=0), 0, 0).items()
+               if k not in link}
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
+              "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "x.safetensors"}},
+              "3": {"class_type": "LoadImage", "inputs": {"image": "x.png"}},
+              "4": {"class_type": "P3STrainer",
+                    "inputs": {**link, **widgets, "gradient_checkpointing": value}}}
+    validated = {k: (True, [], k) for k in ("1", "2", "3")}
+    valid, errors, _ = asyncio.run(execution.validate_inputs("p3s-test", prompt, "4", validated))
+    return valid, errors
+
+
+def test_gradient_checkpointing_auto_on_off_and_saved_booleans(comfy, sd15, clip_vision, photos, first_run,
+                                                               monkeypatch):
+    """'auto' (the default) passes None to the core, which decides (off on the CPU at 64^2: the
+    metadata and the text say so); 'on' / 'off' force it; workflows saved when the input was a
+    BOOLEAN (true / false) pass ComfyUI's own validation and mean on / off; other values are refused."""
+    info = comfy.node("P3STrainer").INPUT_TYPES()["optional"]["gradient_checkpointing"]
+    assert info[0] == ["auto", "on", "off"] and info[1]["default"] == "auto"
+    assert first_run.out["result"][0].training_info["gradient_checkpointing"] is False
+    assert "gradient checkpointing off (auto)" in first_run.out["ui"]["text"][0]
+    # what the node hands the core, for each choice (the spy stops before any work)
+    tr = comfy.core("comfy_backend_train")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["gradient_checkpointing"])
+        raise Stop
+
+    monkeypatch.setattr(tr, "run_training", spy)
+    choices = ["auto", "on", "off", True, False]
+    for choice in choices:
+        with pytest.raises(Stop):
+            _train(comfy, **_node_args(sd15, clip_vision, photos.images, gradient_checkpointing=choice))
+    assert seen == [None, True, False, True, False]
+    errors = comfy.core("errors")
+    with pytest.raises(errors.TrainingConfigError, match="gradient_checkpointing"):
+        _train(comfy, **_node_args(sd15, clip_vision, photos.images, gradient_checkpointing="sometimes"))
+    assert len(seen) == len(choices)  # refused before any work
+    monkeypatch.undo()
+    # ComfyUI's prompt validation: the three choices and the saved booleans pass, anything else is refused
+    for choice in choices:
+        valid, errs = _validate_trainer_prompt(comfy, choice)
+        assert valid, (choice, errs)
+    valid, errs = _validate_trainer_prompt(comfy, "sometimes")
+    assert not valid and "gradient_checkpointing" in str(errs)
+    # a real run with a saved 'true': checkpointing on, recorded as such
+    out = _train(comfy, **_node_args(sd15, clip_vision, photos.images[:1], gradient_checkpointing=True,
+                                     save_name="p3s_it_ckpt"))
+    assert out["result"][0].training_info["gradient_checkpointing"] is True
+    assert out["ui"]["text"][0].endswith("gradient checkpointing on")

@@ -521,3 +521,13 @@ def test_l_ac_gradient_share_default_vs_literal():
     assert ldm == ldm2 and gac2 == pytest.approx(gac / (HW * HW * TOKENS), rel=1e-4)
     assert mass > 0.01                      # measured 0.016: a clear part of the update
     assert literal < mass / 300             # 1/(Nq*Nk) = 1/384 of it here, 1/315392 at 512^2
+
+
+def test_checkpointing_choice_maps_the_trainer_choices_and_saved_booleans():
+    from p3s_core.train import CHECKPOINTING_CHOICES, checkpointing_choice
+
+    assert CHECKPOINTING_CHOICES == ("auto", "on", "off")
+    assert [checkpointing_choice(v) for v in ("auto", "on", "off", True, False)] == [None, True, False, True, False]
+    for bad in ("On", "", 1, 0, None, "true"):
+        with pytest.raises(TrainingConfigError, match="gradient_checkpointing"):
+            checkpointing_choice(bad)
