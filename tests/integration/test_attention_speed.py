@@ -106,8 +106,3 @@ def test_pooled_level0_keys_are_eq7_with_2x2_pooled_features(comfy, sd15, clip_v
     plain = sample(comfy, sd15.model, conds)
     assert 0 < (pooled_sample - exact).abs().max() < (exact - plain).abs().max()
 
-
-def test_pooled_level0_keys_is_refused_when_not_an_option(comfy, sd15, clip_vision, active_adapter, reference):
-    errors = comfy.core("errors")
-    with pytest.raises(errors.P3SError, match="level0_keys"):
-        inject(comfy, sd15, clip_vision, active_adapter, reference, level0_keys="pooled")
