@@ -141,9 +141,9 @@ def generate(g, x, y, ckpt, adapter_src, controlnet=False, cn_image=None):
     cleaned reference stored in the adapter (no reference photo, VAE or CLIP vision connected)."""
     sched = g.node("P3STimestepWeightScheduler", (x, y), {}, size=(320, 340))
     plot = g.node("PreviewImage", (x, y + 370), {}, size=(320, 200), title="schedule")
-    inj = g.node("P3SConditionInjector", (x + 350, y), {}, size=(340, 240))
-    pos = g.node("CLIPTextEncode", (x + 350, y + 270), {"text": "a photo of sks dog on the beach"}, size=(340, 120))
-    neg = g.node("CLIPTextEncode", (x + 350, y + 420), {"text": "blurry, low quality"}, size=(340, 120))
+    inj = g.node("P3SConditionInjector", (x + 350, y), {}, size=(340, 400))
+    pos = g.node("CLIPTextEncode", (x + 350, y + 430), {"text": "a photo of sks dog on the beach"}, size=(340, 120))
+    neg = g.node("CLIPTextEncode", (x + 350, y + 580), {"text": "blurry, low quality"}, size=(340, 120))
     latent = g.node("EmptyLatentImage", (x + 720, y + 330), {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
     ks = g.node("KSampler", (x + 720, y), {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "ddim",
                                            "scheduler": "ddim_uniform"}, size=(300, 300))
@@ -159,8 +159,8 @@ def generate(g, x, y, ckpt, adapter_src, controlnet=False, cn_image=None):
         (inj, 0, ks, "model"),
     )
     if controlnet:
-        cn = g.node("ControlNetLoader", (x + 350, y + 570), {"control_net_name": CNET}, size=(340, 60))
-        canny = g.node("Canny", (x + 350, y + 660), {"low_threshold": 0.4, "high_threshold": 0.8}, size=(340, 90))
+        cn = g.node("ControlNetLoader", (x + 350, y + 730), {"control_net_name": CNET}, size=(340, 60))
+        canny = g.node("Canny", (x + 350, y + 820), {"low_threshold": 0.4, "high_threshold": 0.8}, size=(340, 90))
         apply = g.node("ControlNetApplyAdvanced", (x + 720, y + 470),
                        {"strength": 0.8, "start_percent": 0.0, "end_percent": 0.8}, size=(300, 170))
         g.connect(
@@ -214,7 +214,7 @@ def two_subjects(g):
         reg = g.node("P3SRegion", (x + 330, y), {"shape": side, "width": 512, "height": 512}, size=(320, 300),
                      title=f"{title}: region")
         prev = g.node("PreviewImage", (x + 330, y + 330), {}, size=(320, 250), title=f"{title}: region preview")
-        inj = g.node("P3SConditionInjector", (x + 680, y), {}, size=(340, 300), title=f"{title}: injector")
+        inj = g.node("P3SConditionInjector", (x + 680, y), {}, size=(340, 400), title=f"{title}: injector")
         g.connect(
             (reg, 1, prev, "images"),
             ((injectors[-1] if injectors else ckpt), 0, inj, "model"),

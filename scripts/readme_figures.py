@@ -147,7 +147,9 @@ Per-step times of plain SD1.5, + P3S, + ControlNet, + both, P3S at weight 0 and 
 off are measured in one run, interleaved, per attention backend, and reported as ratios to plain. The
 results are committed (`benchmarks/results/bench.json`); this section is generated from them
 (`tests/unit/test_readme_figures.py` checks it). Training: `benchmarks/bench_train.py --epoch-images 5`
-times one real epoch of the Trainer's loop.
+times one real epoch of the Trainer's loop. P3S at weight 0 installs nothing (the plain model, bit for
+bit, `tests/integration/test_injector.py`), so its distance from 1.00× is the run-to-run noise of the
+machine the run was on.
 
 Speed-ups (each exact within float32 rounding, each with a test in `tests/unit/test_speed_equivalence.py`,
 `tests/unit/test_injection.py` or `tests/integration/test_attention_speed.py`):
