@@ -160,12 +160,15 @@ def bench_steps(nodes, models, size, args):
             # so a warm KSampler run of N steps is N UNet (+ copy) evaluations and a little overhead
             times[name].append(run(name, args.steps) / args.steps)
             print(f"[bench] {size}^2 {name}: {times[name][-1]:.3f} s/step", file=sys.stderr, flush=True)
-    plain = statistics.median(times["plain"])
     out = {}
     for name in VARIANTS:
+        # the ratio of each round (variant / plain of the same round, minutes apart at most), then
+        # the median over rounds: slow drifts of a shared machine cancel within a round
+        ratios = [t / p for t, p in zip(times[name], times["plain"])]
         s = summary(times[name])
-        s["ratio_to_plain"] = s["median"] / plain
-        s["ratio_spread"] = [min(times[name]) / plain, max(times[name]) / plain]
+        s["times"] = times[name]
+        s["ratio_to_plain"] = statistics.median(ratios)
+        s["ratio_spread"] = [min(ratios), max(ratios)]
         out[name] = s
     return out
 
@@ -341,9 +344,10 @@ def main(argv=None):
 
     t0 = time.time()
     given = list(sys.argv[1:] if argv is None else argv)
-    if "--stop-at" in given:  # a time limit, not a setting of the measurement
-        i = given.index("--stop-at")
-        del given[i:i + 2]
+    for flag in ("--stop-at", "--out"):  # a time limit and a destination, not settings of the measurement
+        if flag in given:
+            i = given.index(flag)
+            del given[i:i + 2]
     command = "scripts/bench.sh " + " ".join(given)
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": command.strip(), "machine": machine(), "device": args.device,

@@ -61,7 +61,10 @@ def render(result: dict) -> str:
     failed = [r for r in result.get("runs", []) if "error" in r]
     if runs:
         h, sep = _head(runs)
-        lines += ["Ratio to plain SD1.5 (median s/step):", "", h, sep]
+        per_round = all("times" in v for r in runs for v in r["steps_per_variant"].values())
+        how = ("median over rounds of variant / plain in the same round; median s/step" if per_round
+               else "median s/step")
+        lines += [f"Ratio to plain SD1.5 ({how}):", "", h, sep]
         for name, label in NAMES.items():
             cells = []
             for r in runs:
