@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .copy_unet import LAYER_MAP, layer_key
 from .errors import ModelMismatchError
 from .injection import DEFAULT_LAMBDA, append_kv_slot, injected_context_value
 from .region import Region, blend_tokens
@@ -167,18 +168,11 @@ def adapter_patcher(adapter):
 
 
 def _layer_key(extra_options) -> str:
-    from .copy_unet import layer_key
-
     return layer_key(extra_options["block"], extra_options.get("block_index", 0))
 
 
-def _level_of_key() -> dict:
-    from .copy_unet import LAYER_MAP
-
-    return {e["key"]: e["level"] for e in LAYER_MAP}
-
-
-_LEVEL = _level_of_key()
+#: copy_unet layer key -> UNet level (0 = the highest resolution)
+_LEVEL = {e["key"]: e["level"] for e in LAYER_MAP}
 
 
 def token_grid(n_tokens: int, original_shape):
@@ -336,6 +330,7 @@ class P3SInjectorPatch:
         self.reference_index = int(reference_index)
         self.reference_mode = reference_mode
         self._warned_sizes: set = set()
+        self._warned_pooling = False
         self.region = region  # issue 16: inject only inside this region (None = everywhere)
         self.num_timesteps = 1000
         self.sigma_start = self.sigma_end = None
@@ -393,26 +388,30 @@ class P3SInjectorPatch:
             options["optimized_attention_override"] = route
         options[self.key] = _Bank(features=feats, weight=weight, active=active, lam=self.lam,
                                   replaced=_replaced_attn1(transformer_options),
-                                  others=_other_attn1_patches(transformer_options), route=route)
-        options[self.key].pool_level0 = self._pool_level0(options[self.key].others)
+                                  others=_other_attn1_patches(transformer_options), route=route,
+                                  pool_level0=self._pool_level0(transformer_options))
         if self.region is not None:
             options[self.key].region = _RegionRun(self.region, getattr(executor, "class_obj", None))
         return executor(x, timesteps, context, y, control, options, **kwargs)
 
-    def _pool_level0(self, others) -> bool:
-        """The opt-in pooled level-0 keys, except beside a node that cuts K/V into tiles by token
-        order (HyperTile, ToMe: only the exact per-token layout keeps each ``z`` with its ``f``)."""
+    def _pool_level0(self, transformer_options) -> bool:
+        """The opt-in pooled level-0 keys, except where only the exact per-token K/V layout works:
+        beside a node that cuts K/V into tiles by token order (HyperTile, ToMe) or a second P3S
+        injector (it extends the keys token by token, :func:`append_kv_slot`)."""
         if not self.pool_level0:
             return False
-        tilers = [o for o in others if "HyperTile" in o or "ToMe" in o]
-        if tilers and "tilers" not in self._warned_sizes:
-            self._warned_sizes.add("tilers")
+        patches = (transformer_options.get("patches") or {}).get("attn1_patch", ())
+        blockers = [o for o in _other_attn1_patches(transformer_options) if "HyperTile" in o or "ToMe" in o]
+        if sum(isinstance(p, P3SInjectorPatch) for p in patches) > 1:
+            blockers.append("another P3S Condition Injector")
+        if blockers and not self._warned_pooling:
+            self._warned_pooling = True
             import logging
 
             logging.getLogger("P3S").warning(
                 "[P3S Condition Injector] level0_keys 'pooled 2x2 (faster)' is not used beside %s: "
-                "the exact keys are used instead", ", ".join(tilers))
-        return not tilers
+                "the exact keys are used instead", ", ".join(blockers))
+        return not blockers
 
     def copy_features(self, x, timesteps, context, active=None):
         """Eq. 6 once per step: the copy on x_t + I'' (I'' fitted to x_t without stretching).

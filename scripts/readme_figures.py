@@ -42,6 +42,11 @@ def _cols(runs):
     return sorted(ok, key=lambda r: (r["size"], order.index(r["attention"]) if r["attention"] in order else 9))
 
 
+def _row(lines, label, runs, cell):
+    """One table row: ``label`` and ``cell(run)`` for each run."""
+    lines.append(f"| {label} | " + " | ".join(cell(r) for r in runs) + " |")
+
+
 def _head(runs):
     cols = [f"{r['size']}², {BACKENDS.get(r['attention'], r['attention'])}" for r in runs]
     return "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)
@@ -77,7 +82,7 @@ def render(result: dict) -> str:
                    lambda g: f"{_yes(g['p3s+controlnet_le_additive'])} (bound {g['additive_bound']:.2f}×)"),
                   ("weight 0 ≤ 1.02×", lambda g: _yes(g["weight0_le_1.02"]))]
         for label, fn in checks:
-            lines.append(f"| goal: {label} | " + " | ".join(fn(r["goals"]) for r in runs) + " |")
+            _row(lines, f"goal: {label}", runs, lambda r, fn=fn: fn(r["goals"]))
         lines.append("")
         eff = [r for r in runs if "output_effects" in r]
         if eff:
@@ -85,13 +90,10 @@ def render(result: dict) -> str:
             lines += ["How far one DDIM step's latent moves from exact P3S, relative to P3S's own effect "
                       "(exact P3S − plain; 0 = unchanged, 1 = as large as the injection; max / rms):", "", h, sep]
 
-            def erow(label, key):
-                lines.append(f"| {label} | " + " | ".join(
-                    f"{r['output_effects'][key]['max']:.2g} / {r['output_effects'][key]['rms']:.2g}"
-                    for r in eff) + " |")
-
-            erow("opt-in pooled level-0 keys", "pooled_vs_exact")
-            erow("speed-ups off (float rounding only)", "speedups_off_vs_on")
+            for label, key in (("opt-in pooled level-0 keys", "pooled_vs_exact"),
+                               ("speed-ups off (float rounding only)", "speedups_off_vs_on")):
+                _row(lines, label, eff, lambda r, key=key:
+                     f"{r['output_effects'][key]['max']:.2g} / {r['output_effects'][key]['rms']:.2g}")
             lines.append("")
         prof = [r for r in runs if "profile" in r]
         if prof:
@@ -100,7 +102,7 @@ def render(result: dict) -> str:
                       "runs, s per UNet evaluation of the CFG batch, medians):", "", h, sep]
 
             def row(label, fn):
-                lines.append(f"| {label} | " + " | ".join(fn(r["profile"]) for r in prof) + " |")
+                _row(lines, label, prof, lambda r: fn(r["profile"]))
 
             row("plain step", lambda p: f"{p['plain_step_s']:.3f}")
             row("P3S step", lambda p: f"{p['p3s_step_s']:.3f} ({p['p3s_step_s'] / p['plain_step_s']:.2f}×)")

@@ -106,3 +106,29 @@ def test_pooled_level0_keys_are_eq7_with_2x2_pooled_features(comfy, sd15, clip_v
     plain = sample(comfy, sd15.model, conds)
     assert 0 < (pooled_sample - exact).abs().max() < (exact - plain).abs().max()
 
+
+
+def test_pooled_level0_keys_fall_back_to_exact_under_a_second_injector(comfy, sd15, clip_vision, active_adapter,
+                                                                      reference, conds):
+    """A second P3S injector extends the keys token by token (slot layout), which pooled keys would
+    break: with two injectors on one MODEL both use the exact keys ([z, f1, f2] at every level)."""
+    import sys
+
+    node_module = sys.modules[comfy.node("P3SConditionInjector").__module__]
+    assert tuple(node_module.LEVEL0_KEYS) == comfy.core("comfy_backend").LEVEL0_KEYS  # the node's list is the core's
+    copy_mod = comfy.core("copy_unet")
+    seen = []
+
+    def probe(n, context, value, extra_options):
+        seen.append((copy_mod.layer_key(extra_options["block"]), n.shape[1], context.shape[1]))
+        return n, context, value
+
+    one = inject(comfy, sd15, clip_vision, active_adapter, reference, level0_keys="pooled 2x2 (faster)")
+    with torch.inference_mode():
+        two = comfy.node("P3SConditionInjector")().inject(one, active_adapter, reference, sd15.vae, clip_vision,
+                                                          lam=0.2, strength=1.0, apply_to="cond and uncond",
+                                                          level0_keys="pooled 2x2 (faster)")[0]
+    probed = two.clone()
+    probed.set_model_attn1_patch(probe)
+    sample(comfy, probed, conds, steps=1)
+    assert len(seen) == 16 and all(keys == 3 * tokens for _, tokens, keys in seen)
