@@ -28,7 +28,7 @@ their own subject; where regions overlap, the later injector's result replaces (
 the earlier one's. An unmasked injector chained *before* a regional one acts everywhere (its
 ``f`` is part of the keys the regional one extends); chain regional injectors after unmasked ones.
 
-This module is pure torch (the ComfyUI plumbing is in ``comfy_backend.py``).
+This module is pure torch (the ComfyUI plumbing is in ``comfyui_engine/region_patch.py``).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 
 This module never imports ComfyUI: the loop gets a ``step_fn`` that runs the (frozen) base UNet
 with the adapter and returns ``(L_LDM, L_ac)`` for one image. The ComfyUI side builds it
-(:mod:`p3s_core.comfy_backend_train`); unit tests pass a tiny plain-torch model.
+(:mod:`p3s_core.comfyui_engine.training`); unit tests pass a tiny plain-torch model.
 
 Decisions where the paper is vague:
 
@@ -74,7 +74,7 @@ AC_READINGS = ("mass", "literal")
 #: Which reference I' a training step sees: the photo itself (paper) or another photo, flipped at random.
 REFERENCE_PAIRINGS = ("self", "other photo")
 #: Gradient checkpointing of the frozen UNet: "auto" turns it on where it pays
-#: (:func:`p3s_core.comfy_backend_train.checkpointing_pays`).
+#: (:func:`p3s_core.comfyui_engine.frozen_unet.checkpointing_pays`).
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
 _MAX_SEED = 2 ** 64 - 1
 

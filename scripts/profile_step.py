@@ -140,7 +140,7 @@ def profile_step(nodes, plain_model, p3s_model, adapter, pos, neg, size: int, re
 def build_models(nodes, pack, size: int) -> dict:
     """The random SD1.5 + a P3S adapter initialised from it (active zero convs), as the benchmark
     builds them: a dict with ``model``, ``p3s``, ``p3s0`` (weight 0), ``p3s_pooled`` (the opt-in
-    pooled level-0 keys), ``adapter``, ``backend`` (the pack's comfy_backend), ``pos``/``neg``,
+    pooled level-0 keys), ``adapter``, ``backend`` (the pack's comfyui_engine), ``pos``/``neg``,
     ``cpos``/``cneg`` (with a ControlNet), ``reg1``/``reg2`` (one injector on the left half, a second
     on the right, issue 16)."""
     import importlib

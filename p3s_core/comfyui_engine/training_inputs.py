@@ -35,7 +35,7 @@ def cache_inputs(model, clip, vae, clip_vision, images: torch.Tensor, prompt: st
 
     Per image: resized so the short side is ``resolution`` (:func:`resized_size`), the VAE latent
     after ``process_latent_in`` and the CLIP ViT-L/14 last hidden state
-    (:func:`p3s_core.comfy_backend.encode_reference`), the prompt's and the empty prompt's text
+    (:func:`.reference.encode_reference`), the prompt's and the empty prompt's text
     encodings, and the subject mask (one mask for all images or one per image) at latent size.
     Tensors are made outside inference mode, on the CPU (intermediate device), in float32.
     """

@@ -8,6 +8,7 @@ import torch
 
 from ..copy_unet import ATTN_MAP_KEY, LAYER_MAP
 from ..errors import ModelMismatchError, TrainingConfigError
+from ..losses import copy_attention_hooks
 from .attention import CrossAttentionCapture, P3SDiffusersInjector
 from .layers import _ATTN2_KEYS, LAST_CROSS_ATTENTION
 from .loading import CONFIG_DIR
@@ -18,7 +19,7 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
     """The training step of :func:`p3s_core.train.train_adapter` on a diffusers UNet:
     ``step_fn(adapter, x0, context, clip_hidden, generator, mask=None) -> (L_LDM, L_ac)``.
 
-    Same draws and maths as the ComfyUI trainer (``comfy_backend_train.build_step_fn``): ``t ~
+    Same draws and maths as the ComfyUI trainer (``comfyui_engine.training_step.build_step_fn``): ``t ~
     U{0..999}`` then ``noise ~ N(0, I)`` from the generator, ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t)
     noise`` (ComfyUI's ``calculate_input(noise_scaling(...))`` in VP form), I'' from the encoder
     (Eq. 4-5), the UNet with the P3S processors at weight 1 (Eq. 6-8), L_LDM = (masked) MSE on eps
@@ -57,8 +58,6 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
     inj.install()
     closers = [inj.remove]
     if settings.ac_layers == "all":
-        from ..losses import copy_attention_hooks  # pure torch at call time
-
         hooks = copy_attention_hooks(adapter, copy_maps)
         hooks.__enter__()
         closers.append(lambda: hooks.__exit__(None, None, None))
