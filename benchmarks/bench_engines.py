@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     import folder_paths
 
     core = lambda m: importlib.import_module(f"{pack.__name__}.p3s_core.{m}")  # noqa: E731
-    db, backend, adapter_mod, sched_mod = core("diffusers_backend"), core("comfy_backend"), core("adapter"), core("schedule")
+    db, backend, adapter_mod, sched_mod = core("diffusers_engine"), core("comfyui_engine"), core("adapter"), core("schedule")
     with torch.inference_mode():
         model, clip, _vae = nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(
             "p3s_random_sd15.safetensors")[:3]

@@ -145,7 +145,7 @@ def bench_comfy(args):
     import comfy.model_management as mm
 
     core = lambda name: __import__(f"{pack.__name__}.p3s_core.{name}", fromlist=["x"])  # noqa: E731
-    tr, train = core("comfy_backend_train"), core("train")
+    tr, train = core("comfyui_engine"), core("train")
     with torch.inference_mode():
         model, clip, vae = nodes.NODE_CLASS_MAPPINGS["CheckpointLoaderSimple"]().load_checkpoint(args.checkpoint)[:3]
         clip_vision = nodes.NODE_CLASS_MAPPINGS["CLIPVisionLoader"]().load_clip(args.clip_vision)[0]

@@ -82,7 +82,7 @@ class _SpeedupsOff:
     linears, the K/V stay built in one pass)."""
 
     def __init__(self, adapter, backend):
-        self.adapter, self.route = adapter, backend._ExtendedAttentionRoute
+        self.adapter, self.route = adapter, backend.ExtendedAttentionRoute
 
     def __enter__(self):
         self.saved = self.adapter.copy.share_cfg_rows, self.route.enabled

@@ -5,7 +5,7 @@ from .common import ADAPTER, CATEGORY, SCHEDULE, check_choice, check_image_batch
 
 APPLY_TO = ["cond and uncond", "cond only"]
 REFERENCE_MODES = ["one reference", "average copy features"]  # = p3s_core.encoder.REFERENCE_MODES
-LEVEL0_KEYS = ["all (exact)", "pooled 2x2 (faster)"]  # = p3s_core.comfy_backend.LEVEL0_KEYS
+LEVEL0_KEYS = ["all (exact)", "pooled 2x2 (faster)"]  # = p3s_core.comfyui_engine.LEVEL0_KEYS
 
 
 class P3SConditionInjector:
@@ -51,14 +51,14 @@ class P3SConditionInjector:
                region=None, feather=0.0, level0_keys=LEVEL0_KEYS[0]):
         import torch
 
-        from ..p3s_core import comfy_backend as backend
+        from ..p3s_core import comfyui_engine as engine
         from ..p3s_core.encoder import check_reference_index
         from ..p3s_core.errors import ImageInputError, ModelMismatchError, ScheduleError
         from ..p3s_core.schedule import P3SSchedule
         from .adapter_nodes import check_adapter
 
         # --- every input is checked before the VAE / CLIP run -----------------------------------
-        backend.check_sd15(model)
+        engine.check_sd15(model)
         check_adapter(adapter, "adapter")
         if reference is not None:
             check_image_batch(reference, "reference")
@@ -68,8 +68,8 @@ class P3SConditionInjector:
             if clip_vision is None:
                 raise ModelMismatchError("clip_vision", "a reference photo is connected but no CLIP vision model",
                                          "connect a Load CLIP Vision node with clip-vit-large-patch14 (or disconnect 'reference')")
-            backend.check_vae_sd15(vae)
-            backend.check_clip_vit_l(clip_vision)
+            engine.check_vae_sd15(vae)
+            engine.check_clip_vit_l(clip_vision)
             count = int(reference.shape[0])
         else:
             stored = getattr(adapter, "reference", None)
@@ -97,13 +97,13 @@ class P3SConditionInjector:
 
             region = Region.from_mask(region, feather)
         if reference is not None:
-            latent, hidden = backend.encode_reference(model, vae, clip_vision, reference)
+            latent, hidden = engine.encode_reference(model, vae, clip_vision, reference)
         else:
             latent, hidden = stored["latent"], stored["clip_hidden"]
         p = next(adapter.parameters())
         with torch.no_grad():
             i2 = adapter.encode_reference(latent.to(p.device, p.dtype), hidden.to(p.device, p.dtype))
-        patched, _ = backend.apply_injector(model, adapter, i2, schedule, lam=lam, strength=strength,
+        patched, _ = engine.apply_injector(model, adapter, i2, schedule, lam=lam, strength=strength,
                                             apply_to=apply_to, reference_index=int(reference_index),
                                             reference_mode=reference_mode, region=region,
                                             level0_keys=level0_keys)

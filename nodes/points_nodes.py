@@ -3,31 +3,7 @@ from __future__ import annotations
 
 from .common import CATEGORY, POINTS, check_image_batch, image_to_numpy, numpy_to_image
 
-__all__ = ["P3SPointSelector", "draw_points"]
-
-POS_COLOR = (0.1, 0.9, 0.2)
-NEG_COLOR = (0.95, 0.15, 0.15)
-
-
-def draw_points(rgb, image_points, radius: int):
-    """The image with positive (green) and negative (red) points drawn as rings."""
-    import numpy as np
-
-    out = np.array(rgb, dtype=np.float32, copy=True)
-    h, w = out.shape[:2]
-    r = int(np.ceil(radius)) + 1
-    for pts, color in ((image_points.positive, POS_COLOR), (image_points.negative, NEG_COLOR)):
-        for x, y in pts:  # only the window around the point: cost per point is O(radius^2)
-            x0, x1 = max(0, int(x) - r), min(w, int(x) + r + 1)
-            y0, y1 = max(0, int(y) - r), min(h, int(y) + r + 1)
-            if x0 >= x1 or y0 >= y1:
-                continue
-            yy, xx = np.mgrid[y0:y1, x0:x1]
-            d = np.hypot(xx - x, yy - y)
-            win = out[y0:y1, x0:x1]
-            win[d <= radius] = color
-            win[d <= radius * 0.45] = (1.0, 1.0, 1.0)
-    return out
+__all__ = ["P3SPointSelector"]
 
 
 class P3SPointSelector:
@@ -67,6 +43,7 @@ class P3SPointSelector:
     def select(self, image, points_store="", coordinates_positive=None, coordinates_negative=None, unique_id=None):
         from ..p3s_core.errors import PointsError
         from ..p3s_core.points import P3SPoints, points_from_strings
+        from ..p3s_core.previews import draw_points
 
         b, h, w, _ = check_image_batch(image)
         if coordinates_positive is not None and str(coordinates_positive).strip() not in ("", "[]"):

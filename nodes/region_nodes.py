@@ -41,7 +41,8 @@ class P3SRegion:
         }
 
     def make(self, shape, width, height, left, top, right, bottom, invert, image=None):
-        from ..p3s_core.region import SHAPES, make_region, region_preview
+        from ..p3s_core.previews import region_preview
+        from ..p3s_core.region import SHAPES, make_region
 
         check_choice(shape, "shape", list(SHAPES))
         width = check_int(width, "width", 8, 8192)

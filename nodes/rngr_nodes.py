@@ -3,30 +3,9 @@ from __future__ import annotations
 
 from .common import (CATEGORY, POINTS, check_choice, check_image_batch, check_int, check_number, image_to_numpy,
                      numpy_to_image, numpy_to_mask)
-from .points_nodes import draw_points
 
 REMOVE = ["distractor", "background", "distractor and background"]
 FILLS = ["biharmonic", "blur", "flat", "none"]
-
-
-def outline(mask):
-    from scipy import ndimage
-
-    return mask & ~ndimage.binary_erosion(mask, iterations=2)
-
-
-def preview(rgb, result, image_points):
-    """Heat map of Eq. 2's smoothed map over the photo, subject outline green, distractor red."""
-    import numpy as np
-
-    heat = result.heat
-    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-6)
-    warm = np.stack([heat, heat * 0.55, 1.0 - heat], axis=-1)
-    out = 0.55 * rgb + 0.45 * warm
-    out[outline(result.subject_mask)] = (0.1, 1.0, 0.2)
-    out[outline(result.distractor_mask)] = (1.0, 0.2, 0.2)
-    radius = max(3, round(min(rgb.shape[:2]) / 60))
-    return draw_points(out, image_points, radius)
 
 
 class P3SRNGRMaskInpaint:
@@ -65,9 +44,10 @@ class P3SRNGRMaskInpaint:
     def run(self, image, points, clip_vision, sigma, fill, remove, grow):
         import logging
 
-        from ..p3s_core import comfy_backend as backend
+        from ..p3s_core import comfyui_engine as engine
         from ..p3s_core.errors import PointsError
         from ..p3s_core.points import P3SPoints
+        from ..p3s_core.previews import rngr_preview
         from ..p3s_core.rngr import inpaint, rngr_mask
 
         # --- every input is checked before CLIP runs --------------------------------------------
@@ -83,11 +63,11 @@ class P3SRNGRMaskInpaint:
         grow = check_int(grow, "grow", 0, 128, "use a whole number of pixels between 0 and 128 (default 4)")
         check_choice(fill, "fill", FILLS)
         check_choice(remove, "remove", REMOVE)
-        backend.check_clip_vit_l(clip_vision)
+        engine.check_clip_vit_l(clip_vision)
         if (points.width, points.height) != (w, h):
             points = points.rescaled(w, h)
-        squares, boxes = backend.letterboxed_batch(image)
-        tokens = backend.clip_patch_tokens(clip_vision, squares).cpu().numpy()
+        squares, boxes = engine.letterboxed_batch(image)
+        tokens = engine.clip_patch_tokens(clip_vision, squares).cpu().numpy()
         cleaned, subjects, removed, previews = [], [], [], []
         for i in range(b):
             rgb = image_to_numpy(image, i)
@@ -105,5 +85,5 @@ class P3SRNGRMaskInpaint:
             cleaned.append(inpaint(rgb, region, fill))
             subjects.append(res.subject_mask)
             removed.append(region)
-            previews.append(preview(rgb, res, pts))
+            previews.append(rngr_preview(rgb, res, pts))
         return (numpy_to_image(cleaned), numpy_to_mask(subjects), numpy_to_mask(removed), numpy_to_image(previews))

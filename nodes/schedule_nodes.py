@@ -41,7 +41,8 @@ class P3STimestepWeightScheduler:
 
     def build(self, mode, alpha, beta, k, weight, low, high, start_percent, end_percent, strength, custom_values=""):
         from ..p3s_core.errors import ScheduleError
-        from ..p3s_core.schedule import P3SSchedule, plot_curve
+        from ..p3s_core.previews import plot_curve
+        from ..p3s_core.schedule import P3SSchedule
 
         if not isinstance(mode, str) or mode not in MODES:
             raise ScheduleError("mode", f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")

@@ -105,11 +105,12 @@ class P3STrainer:
     def train(self, model, clip, vae, clip_vision, images, prompt, identifier, epochs, learning_rate, gamma,
               resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing="auto",
               ac_reading="mass", reference_pairing="self", reproducible=True):
-        from ..p3s_core import comfy_backend as backend
-        from ..p3s_core import comfy_backend_train as trainer
+        from ..p3s_core import comfyui_engine as engine
+        from ..p3s_core.comfyui_engine import training as trainer
         from ..p3s_core.copy_unet import CopyUNetConfig
         from ..p3s_core.errors import AdapterFileError, ModelMismatchError, TrainingConfigError
-        from ..p3s_core.train import TrainSettings, checkpointing_choice, plot_losses
+        from ..p3s_core.previews import plot_losses
+        from ..p3s_core.train import TrainSettings, checkpointing_choice
         from .paths import save_folder
 
         # --- validate everything before any work -----------------------------------------------
@@ -123,13 +124,13 @@ class P3STrainer:
                                  reference_pairing=reference_pairing)
         settings.validate(prompt)
         name = adapter_file_name(save_name, "save_name")
-        backend.check_sd15(model)
-        trainer.check_eps_prediction(model)
-        backend.check_clip_vit_l(clip_vision)
+        engine.check_sd15(model)
+        engine.check_eps_prediction(model)
+        engine.check_clip_vit_l(clip_vision)
         if not (hasattr(clip, "tokenize") and hasattr(clip, "encode_from_tokens")):
             raise ModelMismatchError("clip", "this is not a ComfyUI CLIP text encoder",
                                      "connect the CLIP output of the SD1.5 checkpoint loader")
-        backend.check_vae_sd15(vae)
+        engine.check_vae_sd15(vae)
         if resume_adapter is not None:
             check_adapter(resume_adapter, "resume_adapter")
             if resume_adapter.config != CopyUNetConfig.sd15() or not isinstance(resume_adapter.training_info, dict):

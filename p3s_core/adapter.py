@@ -46,7 +46,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .copy_unet import (CopyUNetConfig, P3SCopyUNet, init_from_ldm_unet, layer_map, ldm_key_map)
+from .copy_init import init_from_ldm_unet, ldm_key_map
+from .copy_unet import CopyUNetConfig, P3SCopyUNet, layer_map
 from .encoder import RNGREncoder
 from .errors import AdapterFileError
 from .safe_io import atomic_save_safetensors, read_safetensors_header, read_safetensors_tensors

@@ -42,3 +42,7 @@ class TrainingConfigError(P3SError):
 
 class TrainingDivergedError(P3SError):
     """Training produced a non-finite loss; the last good save is kept."""
+
+
+class RNGRSettingsError(P3SError):
+    """A setting of the RNGR mask / inpaint step that cannot work (unknown mode, sigma < 0, ...)."""

@@ -246,3 +246,39 @@ def reference_attention(
     probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(d), dim=-1)
     out = probs @ vh
     return out.permute(0, 2, 1, 3).reshape(b, nq, inner)
+
+
+# --- token grids (which layer a token map belongs to; another node may change it) ------------------
+def token_grid(n_tokens: int, original_shape):
+    """The (h, w) grid of a layer's ``n_tokens`` in a UNet whose input latent is ``original_shape``
+    (each level halves the size, rounding up as the stride-2 convs do); None if no level fits."""
+    h0, w0 = int(original_shape[-2]), int(original_shape[-1])
+    for ds in (1, 2, 4, 8, 16, 32):
+        h, w = -(-h0 // ds), -(-w0 // ds)
+        if h * w == n_tokens:
+            return h, w
+    return None
+
+
+def resize_tokens(f: torch.Tensor, n_tokens: int, original_shape) -> torch.Tensor | None:
+    """Resize a [B, T, C] token map to ``n_tokens`` when another patch (e.g. Kohya Deep Shrink)
+    changed the layer's grid; None when either grid cannot be inferred."""
+    if len(original_shape) < 2:
+        return None
+    src, dst = token_grid(f.shape[1], original_shape), token_grid(n_tokens, original_shape)
+    if src is None or dst is None:
+        return None
+    b, t, c = f.shape
+    grid = f.transpose(1, 2).reshape(b, c, *src)
+    grid = torch.nn.functional.interpolate(grid, size=dst, mode="bilinear", align_corners=False)
+    return grid.flatten(2).transpose(1, 2)
+
+
+def pooled_tokens(f: torch.Tensor, original_shape) -> torch.Tensor | None:
+    """2x2 average pool of a [B, h*w, C] level token map (None when the grid is unknown or odd)."""
+    grid = token_grid(f.shape[1], original_shape) if len(original_shape) >= 2 else None
+    if grid is None or grid[0] % 2 or grid[1] % 2:
+        return None
+    b, _, c = f.shape
+    pooled = torch.nn.functional.avg_pool2d(f.transpose(1, 2).reshape(b, c, *grid), 2)
+    return pooled.flatten(2).transpose(1, 2)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -173,3 +174,30 @@ def total_loss(l_ldm: torch.Tensor, l_ac: torch.Tensor, gamma: float = DEFAULT_G
         raise TrainingConfigError("gamma", f"{gamma!r} is not a finite number >= 0",
                                   "use gamma = 0.1 (paper) or 0 to disable the attention loss")
     return l_ldm + g * l_ac
+
+
+# --- the copy's cross-attention maps (M_c of Eq. 11), read by both engines' training steps ---------
+def _probs_of(attn, x, context) -> torch.Tensor:
+    """Head-averaged cross-attention map of a copy ``CrossAttention`` for inputs ``x``/``context``."""
+    q = attn.to_q(x)
+    k = attn.to_k(context)
+    return attention_probs(q, k, attn.heads).mean(dim=1)
+
+
+@contextlib.contextmanager
+def copy_attention_hooks(adapter, sink: dict):
+    """Forward hooks on the copy's four cross-attention layers writing ``sink[level] = map``."""
+    copy = adapter.copy
+    mods = [lvl.st.transformer_blocks[0].attn2 for lvl in copy.levels]
+    mods.append(copy.middle.st.transformer_blocks[0].attn2)
+    handles = []
+    for level, mod in enumerate(mods):
+        def hook(module, args, output, level=level):
+            x, context = args[0], (args[1] if len(args) > 1 else args[0])
+            sink[level] = _probs_of(module, x, context)
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        yield sink
+    finally:
+        for h in handles:
+            h.remove()

@@ -28,7 +28,7 @@ their own subject; where regions overlap, the later injector's result replaces (
 the earlier one's. An unmasked injector chained *before* a regional one acts everywhere (its
 ``f`` is part of the keys the regional one extends); chain regional injectors after unmasked ones.
 
-This module is pure torch (the ComfyUI plumbing is in ``comfy_backend.py``).
+This module is pure torch (the ComfyUI plumbing is in ``comfyui_engine/region_patch.py``).
 """
 from __future__ import annotations
 
@@ -192,17 +192,3 @@ def make_region(shape: str, width: int, height: int, box=(0.25, 0.25, 0.75, 0.75
     return 1.0 - m if invert else m
 
 
-def region_preview(mask: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-    """An IMAGE ``[1, H, W, 3]`` showing the region: the image (or mid grey) with the inside tinted
-    green and the outside darkened; the mask is stretched to the image as the injector stretches it."""
-    m = mask.reshape(1, 1, mask.shape[-2], mask.shape[-1]).float()
-    if image is None:
-        base = torch.full((1, mask.shape[-2], mask.shape[-1], 3), 0.5)
-    else:
-        base = image[:1, :, :, :3].float().cpu()
-        m = torch.nn.functional.interpolate(m, size=base.shape[1:3], mode="bilinear", align_corners=False)
-    w = m[:, 0, :, :, None].clamp(0, 1)
-    green = torch.tensor([0.2, 0.9, 0.3])
-    inside = 0.55 * base + 0.45 * green
-    outside = 0.35 * base
-    return (w * inside + (1 - w) * outside).clamp(0, 1)

@@ -3,14 +3,14 @@
 Input is a grid of CLIP ViT-L/14 patch features (``[G, G, D]``, G = 16 at 224 px), so this module
 is independent of CLIP and of ComfyUI. The pipeline:
 
-1. :func:`letterbox` the whole reference image into the square CLIP input (pad, never crop, so a
+1. :func:`letterbox` (:mod:`p3s_core.letterbox`) the whole reference image into the square CLIP input (pad, never crop, so a
    point anywhere in the image has a patch) and keep the geometry in a :class:`Letterbox`.
 2. Eq. 1, :func:`similarity_map`: cosine similarity of the patch under each point to every patch
    (``M_P`` for positive points, ``M_N`` for negative ones).
 3. Eq. 2, :func:`subject_mask`: ``Otsu(Gaussian(M_P * (1 - M_N)))`` at image resolution, keeping
    only the connected component(s) under the positive point(s). :func:`distractor_mask` runs the
    same pipeline with the roles swapped, giving the look-alike distractor's region.
-4. Eq. 3, :func:`inpaint`: fill the distractor's region with content that is not the subject.
+4. Eq. 3, :func:`inpaint` (:mod:`p3s_core.inpainting`): fill the distractor's region with content that is not the subject.
 
 :func:`rngr_mask` runs 2-3 for one image and returns an :class:`RNGRResult`.
 """
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
-from skimage import filters, measure, transform
-from skimage.restoration import inpaint_biharmonic
+from skimage import filters, measure
 
-from .errors import ImageInputError, ModelMismatchError, P3SError, PointsError
+from .errors import ImageInputError, ModelMismatchError, PointsError, RNGRSettingsError
+from .inpainting import INPAINT_MODES, inpaint
+from .letterbox import Letterbox, _to_numpy, letterbox
 from .points import ImagePoints
 
 __all__ = [
@@ -48,204 +48,7 @@ __all__ = [
     "inpaint",
 ]
 
-INPAINT_MODES = ("biharmonic", "blur", "flat", "none")
 
-
-class RNGRSettingsError(P3SError):
-    """A setting of the RNGR mask / inpaint step that cannot work (unknown mode, sigma < 0, ...)."""
-
-
-# ============================================================================ letterbox
-@dataclass(frozen=True)
-class Letterbox:
-    """Geometry of :func:`letterbox`: a ``src_w`` x ``src_h`` image resized to ``new_w`` x
-    ``new_h`` and pasted at (``left``, ``top``) into a ``size`` x ``size`` square.
-
-    Coordinates are continuous pixels: pixel ``(i, j)`` of an image covers ``[i, i+1) x [j, j+1)``;
-    an image spans ``0 <= x <= src_w``. The square is cut into ``grid`` x ``grid`` patches of
-    ``size / grid`` pixels (ViT-L/14 at 224: 16 x 16 patches of 14 px).
-    """
-
-    src_h: int
-    src_w: int
-    size: int
-    new_h: int
-    new_w: int
-    top: int
-    left: int
-
-    def to_square(self, x: float, y: float) -> tuple[float, float]:
-        """Image pixel coordinates -> coordinates in the square letterboxed input."""
-        return (self.left + x * self.new_w / self.src_w, self.top + y * self.new_h / self.src_h)
-
-    def valid_patches(self, grid: int = 16) -> tuple[int, int, int, int]:
-        """Inclusive ``(row0, row1, col0, col1)`` of the patches that overlap the image (not only
-        padding)."""
-        p = self.size / grid
-        r0 = int(math.floor(self.top / p))
-        r1 = int(math.ceil((self.top + self.new_h) / p)) - 1
-        c0 = int(math.floor(self.left / p))
-        c1 = int(math.ceil((self.left + self.new_w) / p)) - 1
-        return r0, min(r1, grid - 1), c0, min(c1, grid - 1)
-
-    def image_to_patch(self, x: float, y: float, grid: int = 16) -> tuple[int, int]:
-        """``(row, col)`` of the patch holding image pixel ``(x, y)``.
-
-        Exact: ``col = floor((left + x * new_w / src_w) / (size / grid))`` (same for rows), then
-        clamped to the patches that overlap the image, so a point on the far edge ``x == src_w``
-        lands in the last image column's patch, never in a padding-only patch.
-        """
-        if not (math.isfinite(x) and math.isfinite(y)
-                and 0.0 <= x <= self.src_w and 0.0 <= y <= self.src_h):
-            raise PointsError(
-                "points",
-                f"point (x={x}, y={y}) lies outside the {self.src_w}x{self.src_h} image",
-                f"use pixel coordinates with 0 <= x <= {self.src_w} and 0 <= y <= {self.src_h}",
-            )
-        p = self.size / grid
-        u, v = self.to_square(x, y)
-        r0, r1, c0, c1 = self.valid_patches(grid)
-        row = min(max(int(math.floor(v / p)), r0), r1)
-        col = min(max(int(math.floor(u / p)), c0), c1)
-        return row, col
-
-    def _axis_taps(self, n_out: int, src: int, new: int, offset: int, grid: int,
-                   lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Linear interpolation from patch centres to ``n_out`` output pixels as two taps per
-        pixel: ``(i0, i1, frac)`` with ``value = (1 - frac) * v[i0] + frac * v[i1]``."""
-        p = self.size / grid
-        centres = (np.arange(n_out, dtype=np.float64) + 0.5) * (src / n_out)  # source pixels
-        g = (offset + centres * new / src) / p - 0.5  # grid coordinate (patch centres at ints)
-        g = np.clip(g, lo, hi)
-        if hi == lo:
-            i0 = np.full(n_out, lo, dtype=np.int64)
-            return i0, i0, np.zeros(n_out)
-        i0 = np.minimum(np.floor(g).astype(np.int64), hi - 1)
-        return i0, i0 + 1, g - i0
-
-    def _axis_weights(self, n_out: int, src: int, new: int, offset: int, grid: int,
-                      lo: int, hi: int) -> np.ndarray:
-        """``[n_out, grid]`` linear-interpolation matrix from patch centres to output pixels."""
-        i0, i1, frac = self._axis_taps(n_out, src, new, offset, grid, lo, hi)
-        w = np.zeros((n_out, grid), dtype=np.float64)
-        rows = np.arange(n_out)
-        w[rows, i0] = 1.0 - frac
-        w[rows, i1] += frac
-        return w
-
-    def grid_to_image(self, grid_map: np.ndarray, out_h: int | None = None,
-                      out_w: int | None = None) -> np.ndarray:
-        """Bring a ``[grid, grid]`` patch map back onto the image: ``[out_h, out_w]`` float64.
-
-        The padding is cropped away and the map is resized bilinearly (patch values sit at patch
-        centres; each output pixel centre is mapped through the letterbox geometry). Decision: this
-        is done in one exact separable step (two small matrix products) instead of
-        ``skimage.transform.resize`` to the square + crop + resize again: no double interpolation,
-        padding-only patches never mix in (beyond the outermost image patch centre the value is
-        held constant), and it takes well under a millisecond at 512 x 512.
-        """
-        m = np.asarray(grid_map, dtype=np.float64)
-        if m.ndim != 2 or m.shape[0] != m.shape[1]:
-            raise ImageInputError("grid_map", f"expected a square [grid, grid] map, got shape "
-                                  f"{tuple(m.shape)}", "pass a G x G patch map")
-        grid = m.shape[0]
-        out_h = self.src_h if out_h is None else int(out_h)
-        out_w = self.src_w if out_w is None else int(out_w)
-        r0, r1, c0, c1 = self.valid_patches(grid)
-        # the separable product wy @ m @ wx.T with its two taps per pixel as gathers (speed: no
-        # multithreaded BLAS call on a 512 x 16 x 512 product, which is slow on a busy CPU)
-        y0, y1, fy = self._axis_taps(out_h, self.src_h, self.new_h, self.top, grid, r0, r1)
-        x0, x1, fx = self._axis_taps(out_w, self.src_w, self.new_w, self.left, grid, c0, c1)
-        cols = m[:, x0] * (1.0 - fx) + m[:, x1] * fx                     # [grid, out_w]
-        return cols[y0] * (1.0 - fy)[:, None] + cols[y1] * fy[:, None]
-
-
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch here
-        x = x.detach().to("cpu").float().numpy()
-    try:
-        return np.asarray(x)
-    except Exception as exc:  # pragma: no cover - exotic inputs
-        raise ImageInputError(name, f"cannot be read as an array ({exc})", "pass a numpy array") from None
-
-
-def _check_image(image: Any, name: str = "image") -> np.ndarray:
-    img = _to_numpy(image, name)
-    if img.ndim != 3 or img.shape[0] < 1 or img.shape[1] < 1 or not 1 <= img.shape[2] <= 4:
-        raise ImageInputError(name, f"expected one H x W x C image (C = 1..4), got shape {tuple(img.shape)}",
-                              "pass a single image of the batch, channels last")
-    if not np.issubdtype(img.dtype, np.floating):
-        img = img.astype(np.float32)
-    if not np.all(np.isfinite(img)):
-        raise ImageInputError(name, "contains NaN or infinite values",
-                              "fix the node that produced the image (values must be 0..1)")
-    return img
-
-
-@lru_cache(maxsize=32)
-def _resize_matrix(n_in: int, n_out: int, anti_aliasing: bool):
-    """The ``[n_out, n_in]`` sparse matrix of ``skimage.transform.resize`` along one axis (order 1,
-    ``mode="edge"``): the anti-aliasing Gaussian (sigma ``(n_in / n_out - 1) / 2``, scipy's
-    ``mode="nearest"``) followed by ``scipy.ndimage.zoom`` (linear, ``grid_mode=True``), both
-    linear and separable, so built once by running them on the identity."""
-    from scipy import sparse
-
-    sigma = max(0.0, (n_in / n_out - 1) / 2)
-    blocks = []
-    for j0 in range(0, n_in, 256):  # columns in blocks: memory n_in x 256, any image size
-        eye = np.zeros((n_in, min(256, n_in - j0)))
-        eye[np.arange(j0, j0 + eye.shape[1]), np.arange(eye.shape[1])] = 1.0
-        if anti_aliasing and sigma > 0:
-            eye = ndimage.gaussian_filter1d(eye, sigma, axis=0, mode="nearest")
-        m = ndimage.zoom(eye, (n_out / n_in, 1.0), order=1, mode="nearest", grid_mode=True)
-        m[np.abs(m) < 1e-12] = 0.0
-        blocks.append(sparse.csc_matrix(m))
-    return sparse.hstack(blocks).tocsr()
-
-
-def _resize_separable(img: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
-    """``skimage.transform.resize(img, (new_h, new_w, c), order=1, mode="edge", anti_aliasing=
-    <shrinking>, preserve_range=True)`` as two sparse matrix products (speed: about 10x fewer
-    operations than filtering the full-size image, the same weights; float32 result within
-    1e-5 of skimage's, clipped to the input's range as skimage does)."""
-    h, w, c = img.shape
-    aa = new_h < h or new_w < w
-    ry, rx = _resize_matrix(h, new_h, aa), _resize_matrix(w, new_w, aa)
-    x = np.asarray(img, dtype=np.float64)
-    t = (ry @ x.reshape(h, w * c)).reshape(new_h, w, c)            # rows
-    t = (rx @ t.transpose(1, 0, 2).reshape(w, new_h * c))          # columns
-    out = t.reshape(new_w, new_h, c).transpose(1, 0, 2)
-    return np.clip(out, img.min(), img.max()).astype(np.float32)
-
-
-def letterbox(image: np.ndarray, size: int = 224, fill: float = 0.5) -> tuple[np.ndarray, Letterbox]:
-    """Fit the WHOLE image into a ``size`` x ``size`` square (for the CLIP patch grid).
-
-    The image is resized (bilinear, anti-aliased when shrinking) so its long side is ``size``,
-    keeping the aspect ratio (short side ``round(short * size / long)``, at least 1 px), and
-    centred on a ``fill``-grey square (padding split evenly, the odd pixel at the bottom / right).
-    Nothing is cropped, unlike CLIP's default centre crop, so every point maps to a patch.
-    Returns ``(square float32 image, Letterbox)``.
-    """
-    img = _check_image(image)
-    if not isinstance(size, int) or size < 1:
-        raise RNGRSettingsError("size", f"letterbox size must be a positive integer, got {size!r}",
-                                "use 224 for CLIP ViT-L/14")
-    h, w, c = img.shape
-    s = size / max(h, w)
-    new_h = min(size, max(1, int(round(h * s))))
-    new_w = min(size, max(1, int(round(w * s))))
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    if (new_h, new_w) == (h, w):
-        resized = img.astype(np.float32)
-    else:
-        resized = _resize_separable(img, new_h, new_w)
-    out = np.full((size, size, c), fill, dtype=np.float32)
-    out[top:top + new_h, left:left + new_w] = resized
-    return out, Letterbox(src_h=h, src_w=w, size=size, new_h=new_h, new_w=new_w, top=top, left=left)
-
-
-# ============================================================================ Eq. 1
 def patch_grid(patch_tokens: Any) -> np.ndarray:
     """Patch features as a float64 ``[G, G, D]`` array.
 
@@ -554,114 +357,3 @@ def rngr_mask(patch_tokens: Any, letterbox: Letterbox, image_points: ImagePoints
     return RNGRResult(subject_mask=subj, distractor_mask=distr,
                       heat=np.clip(heat, 0.0, 1.0).astype(np.float32), M_P=m_p, M_N=m_n,
                       subject_threshold=thr, distractor_threshold=dthr)
-
-
-# ============================================================================ Eq. 3
-def _downscale_known(image: np.ndarray, known: np.ndarray, work_size: int
-                     ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Image and known-pixel weight at a reduced size (long side <= ``work_size``), averaging
-    only known pixels (normalised), so masked content never leaks into the low-res image."""
-    h, w = known.shape
-    s = min(1.0, work_size / max(h, w))
-    hw = (max(1, int(round(h * s))), max(1, int(round(w * s))))
-    k = known.astype(np.float64)
-    if hw == (h, w):
-        return image.astype(np.float64) * k[..., None], k, hw
-    num = transform.resize(image.astype(np.float64) * k[..., None], hw + (image.shape[2],), order=1,
-                           anti_aliasing=True, preserve_range=True)
-    den = transform.resize(k, hw, order=1, anti_aliasing=True, preserve_range=True)
-    return num, den, hw
-
-
-def _upscale(fill: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    if fill.shape[:2] == hw:
-        return fill
-    return transform.resize(fill, hw + (fill.shape[2],), order=1, preserve_range=True)
-
-
-def _mean_colour(image: np.ndarray, known: np.ndarray) -> np.ndarray:
-    if not known.any():
-        return np.full((image.shape[2],), 0.5)
-    return image[known].astype(np.float64).mean(axis=0)
-
-
-def _blur_fill(image: np.ndarray, known: np.ndarray, work_size: int) -> np.ndarray:
-    """Normalised convolution: ``G * (I * K) / G * K`` with K the known pixels, at low resolution,
-    with a Gaussian of 1/16 of the long side; where even that sees no known pixel, wider Gaussians,
-    then the mean colour of the known pixels."""
-    num, den, hw = _downscale_known(image, known, work_size)
-    base = max(hw) / 16.0
-    fill = np.empty(num.shape, dtype=np.float64)
-    todo = np.ones(hw, dtype=bool)
-    for sigma in (base, 4 * base, 16 * base):
-        n = ndimage.gaussian_filter(num, sigma=(sigma, sigma, 0), mode="nearest")
-        d = ndimage.gaussian_filter(den, sigma=sigma, mode="nearest")
-        ok = todo & (d > 1e-3)
-        fill[ok] = n[ok] / d[ok, None]
-        todo &= ~ok
-        if not todo.any():
-            break
-    if todo.any():
-        fill[todo] = _mean_colour(image, known)
-    return _upscale(fill, known.shape)
-
-
-def _biharmonic_fill(image: np.ndarray, mask: np.ndarray, known: np.ndarray,
-                     work_size: int) -> np.ndarray:
-    """``skimage.restoration.inpaint_biharmonic`` at a long side <= ``work_size`` (it solves a
-    sparse system over the masked pixels and gets slow for big masks), upscaled and pasted back.
-    A low-res pixel that any masked pixel touches is treated as unknown."""
-    if not known.any():
-        return np.broadcast_to(_mean_colour(image, known), image.shape).copy()
-    num, den, hw = _downscale_known(image, known, work_size)
-    small_mask = den < 0.999
-    small = num / np.maximum(den, 1e-6)[..., None]
-    small[small_mask] = 0.0
-    if small_mask.all():
-        return np.broadcast_to(_mean_colour(image, known), image.shape).copy()
-    filled = inpaint_biharmonic(small, small_mask, channel_axis=-1)
-    return _upscale(np.asarray(filled, dtype=np.float64), mask.shape)
-
-
-def inpaint(image: np.ndarray, mask: np.ndarray, mode: str = "biharmonic",
-            work_size: int = 256) -> np.ndarray:
-    """Eq. 3: ``I' = inpainting(I, Mask)`` - fill the masked region (the distractor).
-
-    The paper: "the masked area can be filled with any content as long as it is not similar to the
-    target subject". Modes:
-
-    * ``"biharmonic"``: ``skimage.restoration.inpaint_biharmonic`` (smooth continuation of the
-      surroundings), computed at a long side <= ``work_size`` for speed and pasted back;
-    * ``"blur"``: a heavily blurred version of the surroundings (normalised convolution of the
-      non-masked pixels only, so the old content does not show through);
-    * ``"flat"``: the mean colour of the non-masked pixels (grey 0.5 if everything is masked);
-    * ``"none"``: the image unchanged (use the MASK output with a real inpainting model).
-
-    Pixels outside the mask are returned bit-exact; the result has the input's dtype and shape.
-    """
-    if mode not in INPAINT_MODES:
-        raise RNGRSettingsError("inpaint_mode", f"unknown inpaint mode {mode!r}",
-                                f"use one of {', '.join(INPAINT_MODES)}")
-    if not isinstance(work_size, int) or work_size < 8:
-        raise RNGRSettingsError("work_size", f"work_size must be an integer >= 8, got {work_size!r}",
-                                "use 256")
-    img = _check_image(image)
-    m = _to_numpy(mask, "mask")
-    if m.ndim == 3 and m.shape[-1] == 1:
-        m = m[..., 0]
-    if m.shape != img.shape[:2]:
-        raise ImageInputError("mask", f"mask shape {tuple(m.shape)} does not match the image's "
-                              f"{img.shape[0]}x{img.shape[1]}", "pass a mask of the image's size")
-    m = m.astype(bool) if m.dtype == bool else (np.nan_to_num(m.astype(np.float64)) > 0.5)
-    out = img.copy()
-    if mode == "none" or not m.any():
-        return out
-    known = ~m
-    if mode == "flat":
-        fill = np.broadcast_to(_mean_colour(img, known), img.shape)
-    elif mode == "blur":
-        fill = _blur_fill(img, known, work_size)
-    else:
-        fill = _biharmonic_fill(img, m, known, work_size)
-    out[m] = np.clip(fill[m], 0.0, 1.0).astype(img.dtype)
-    return out

@@ -20,14 +20,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 
 from .errors import ScheduleError
 
 __all__ = [
     "MODES",
     "P3SSchedule",
-    "plot_curve",
     "timestep_to_t_over_T",
 ]
 
@@ -312,57 +310,3 @@ class P3SSchedule:
         return cls(**d)
 
 
-# ---------------------------------------------------------------------- plotting
-def plot_curve(schedule: P3SSchedule, width: int = 512, height: int = 256) -> np.ndarray:
-    """Draw the schedule as an RGB ``uint8`` array ``[height, width, 3]`` (PIL, no matplotlib).
-
-    x axis: denoising progress (left = first step, ``t/T = 1``; right = end, ``t/T = 0``);
-    y axis: weight ``eps_t``. The active window is shaded; outside it the weight is 0.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    if not isinstance(schedule, P3SSchedule):
-        raise ScheduleError("schedule", f"expected a P3SSchedule, got {type(schedule).__name__}",
-                            "connect a P3S Timestep Weight Scheduler output")
-    width, height = int(width), int(height)
-    if width < 96 or height < 64 or width > 4096 or height > 4096:
-        raise ScheduleError("width/height", f"{width}x{height} is outside 96x64 .. 4096x4096",
-                            "use a plot size such as 512x256")
-    img = Image.new("RGB", (width, height), (32, 32, 36))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-
-    left, right, top, bottom = 40, width - 12, 18, height - 30
-    samples = schedule.sample_curve(max(2, right - left + 1))
-    y_max = max(1.0, max(w for _, w in samples)) * 1.1
-
-    def px(p: float) -> float:
-        return left + p * (right - left)
-
-    def py(w: float) -> float:
-        return bottom - (w / y_max) * (bottom - top)
-
-    # window shading
-    draw.rectangle([px(float(schedule.start_percent)), top, px(float(schedule.end_percent)), bottom],
-                   fill=(44, 62, 80))
-    # grid at weight 0.5 steps and axes
-    step = 0.5 if y_max <= 3 else float(10 ** math.floor(math.log10(y_max)))
-    g = step
-    while g < y_max:
-        draw.line([left, py(g), right, py(g)], fill=(60, 60, 66))
-        draw.text((2, py(g) - 6), f"{g:.1f}", fill=(170, 170, 170), font=font)
-        g += step
-    draw.line([left, top, left, bottom], fill=(200, 200, 200))
-    draw.line([left, bottom, right, bottom], fill=(200, 200, 200))
-    draw.text((2, bottom - 6), "0", fill=(170, 170, 170), font=font)
-    # the curve
-    pts = [(px(p), py(w)) for p, w in samples]
-    draw.line(pts, fill=(255, 170, 40), width=2)
-    # labels
-    draw.text((left, bottom + 4), "t/T=1", fill=(220, 220, 220), font=font)
-    draw.text((right - 30, bottom + 4), "t/T=0", fill=(220, 220, 220), font=font)
-    draw.text(((left + right) // 2 - 40, bottom + 14), "denoising progress ->", fill=(170, 170, 170),
-              font=font)
-    draw.text((left + 4, 2), f"weight ({schedule.mode}, x{float(schedule.strength):g})",
-              fill=(220, 220, 220), font=font)
-    return np.asarray(img, dtype=np.uint8).copy()

@@ -4,7 +4,7 @@
 
 This module never imports ComfyUI: the loop gets a ``step_fn`` that runs the (frozen) base UNet
 with the adapter and returns ``(L_LDM, L_ac)`` for one image. The ComfyUI side builds it
-(:mod:`p3s_core.comfy_backend_train`); unit tests pass a tiny plain-torch model.
+(:mod:`p3s_core.comfyui_engine.training`); unit tests pass a tiny plain-torch model.
 
 Decisions where the paper is vague:
 
@@ -64,7 +64,6 @@ __all__ = [
     "masked_ldm_loss",
     "contains_identifier",
     "estimate_adapter_bytes",
-    "plot_losses",
 ]
 
 #: ``"last"``: L_ac on the last cross-attention layer only (the paper's choice, Table IV);
@@ -75,7 +74,7 @@ AC_READINGS = ("mass", "literal")
 #: Which reference I' a training step sees: the photo itself (paper) or another photo, flipped at random.
 REFERENCE_PAIRINGS = ("self", "other photo")
 #: Gradient checkpointing of the frozen UNet: "auto" turns it on where it pays
-#: (:func:`p3s_core.comfy_backend_train.checkpointing_pays`).
+#: (:func:`p3s_core.comfyui_engine.frozen_unet.checkpointing_pays`).
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
 _MAX_SEED = 2 ** 64 - 1
 
@@ -420,63 +419,10 @@ def estimate_adapter_bytes(adapter: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in adapter.state_dict().values()) + (1 << 20)
 
 
-def plot_losses(losses: Sequence[float], width: int = 512, height: int = 256,
-                start_step: int = 0, title: str = "P3S training loss",
-                parts: Sequence[tuple[str, Sequence[float]]] = ()) -> np.ndarray:
-    """Draw the loss per step (and a moving average) as an RGB ``uint8`` array [height, width, 3].
-
-    Uses PIL only. x axis: global step (``start_step + 1`` ..), y axis: loss from 0 to the maximum.
-    ``parts``: extra ``(label, values)`` curves on the same axes (e.g. ``L_LDM`` and
-    ``gamma*L_ac``), drawn in green and red with their labels and last values in the legend.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = max(96, int(width)), max(64, int(height))
-    img = Image.new("RGB", (width, height), (32, 32, 36))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    left, right, top, bottom = 48, width - 12, 18, height - 24
-    vals = [float(v) for v in losses if math.isfinite(float(v))]
-    draw.line([left, top, left, bottom], fill=(200, 200, 200))
-    draw.line([left, bottom, right, bottom], fill=(200, 200, 200))
-    draw.text((left + 4, 2), title, fill=(220, 220, 220), font=font)
-    if not vals:
-        draw.text((left + 8, (top + bottom) // 2), "no steps", fill=(170, 170, 170), font=font)
-        return np.asarray(img, dtype=np.uint8).copy()
-    y_max = max(vals) * 1.1 or 1.0
-
-    def px(i: int) -> float:
-        return left + (i / max(1, len(vals) - 1)) * (right - left)
-
-    def py(v: float) -> float:
-        return bottom - (v / y_max) * (bottom - top)
-
-    for frac in (0.25, 0.5, 0.75):
-        g = y_max * frac
-        draw.line([left, py(g), right, py(g)], fill=(60, 60, 66))
-        draw.text((2, py(g) - 6), f"{g:.3g}", fill=(170, 170, 170), font=font)
-    pts = [(px(i), py(v)) for i, v in enumerate(vals)]
-    if len(pts) == 1:
-        draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(120, 160, 220))
-    else:
-        draw.line(pts, fill=(120, 160, 220), width=1)
-        k = max(1, len(vals) // 20)
-        avg = np.convolve(np.asarray(vals), np.ones(k) / k, mode="valid")
-        off = (k - 1) / 2
-        draw.line([(px(i + off), py(v)) for i, v in enumerate(avg)] if len(avg) > 1 else pts,
-                  fill=(255, 170, 40), width=2)
-    colours = [(110, 210, 120), (235, 90, 90), (200, 120, 230)]
-    legend_y = top + 2
-    for (label, series), colour in zip(parts, colours):
-        pv = [float(v) if math.isfinite(float(v)) else 0.0 for v in series][:len(vals)]
-        if not pv:
-            continue
-        ppts = [(px(i), py(min(max(v, 0.0), y_max))) for i, v in enumerate(pv)]
-        if len(ppts) > 1:
-            draw.line(ppts, fill=colour, width=1)
-        draw.text((right - 150, legend_y), f"{label} {pv[-1]:.3g}", fill=colour, font=font)
-        legend_y += 12
-    draw.text((left, bottom + 6), f"step {start_step + 1}", fill=(220, 220, 220), font=font)
-    end = f"step {start_step + len(vals)}  loss {vals[-1]:.4g}"
-    draw.text((max(left + 60, right - 6 * len(end)), bottom + 6), end, fill=(220, 220, 220), font=font)
-    return np.asarray(img, dtype=np.uint8).copy()
+def resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(h, w) with the short side = ``resolution`` and the long side scaled alike, rounded to a
+    multiple of 8 (the VAE's factor). Decision: resize, never crop (the subject may sit anywhere)."""
+    scale = resolution / min(height, width)
+    if height <= width:
+        return resolution, max(8, int(round(width * scale / 8)) * 8)
+    return max(8, int(round(height * scale / 8)) * 8), resolution

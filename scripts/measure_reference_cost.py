@@ -30,7 +30,7 @@ def main():
     import importlib
 
     adapter_mod = importlib.import_module(f"{pack.__name__}.p3s_core.adapter")
-    backend = importlib.import_module(f"{pack.__name__}.p3s_core.comfy_backend")
+    backend = importlib.import_module(f"{pack.__name__}.p3s_core.comfyui_engine")
     N = nodes.NODE_CLASS_MAPPINGS
     with torch.inference_mode():
         model, clip, vae = N["CheckpointLoaderSimple"]().load_checkpoint("p3s_random_sd15.safetensors")[:3]

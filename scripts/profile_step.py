@@ -140,7 +140,7 @@ def profile_step(nodes, plain_model, p3s_model, adapter, pos, neg, size: int, re
 def build_models(nodes, pack, size: int) -> dict:
     """The random SD1.5 + a P3S adapter initialised from it (active zero convs), as the benchmark
     builds them: a dict with ``model``, ``p3s``, ``p3s0`` (weight 0), ``p3s_pooled`` (the opt-in
-    pooled level-0 keys), ``adapter``, ``backend`` (the pack's comfy_backend), ``pos``/``neg``,
+    pooled level-0 keys), ``adapter``, ``backend`` (the pack's comfyui_engine), ``pos``/``neg``,
     ``cpos``/``cneg`` (with a ControlNet), ``reg1``/``reg2`` (one injector on the left half, a second
     on the right, issue 16)."""
     import importlib
@@ -159,7 +159,7 @@ def build_models(nodes, pack, size: int) -> dict:
         hint[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
         cpos, cneg = node["ControlNetApplyAdvanced"]().apply_controlnet(pos, neg, cn, hint, 1.0, 0.0, 1.0, vae=vae)[:2]
     with torch.inference_mode(False):
-        sd = {k: v.detach().clone() for k, v in core("comfy_backend").base_unet_state_dict(model).items()}
+        sd = {k: v.detach().clone() for k, v in core("comfyui_engine").base_unet_state_dict(model).items()}
         adapter = core("adapter").new_adapter(core("copy_unet").CopyUNetConfig.sd15(), sd, seed=0)
         del sd
         with torch.no_grad():
@@ -168,7 +168,7 @@ def build_models(nodes, pack, size: int) -> dict:
     adapter = adapter.eval().requires_grad_(False)
     ref = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
     inj = node["P3SConditionInjector"]()
-    out = {"model": model, "adapter": adapter, "backend": core("comfy_backend"),
+    out = {"model": model, "adapter": adapter, "backend": core("comfyui_engine"),
            "pos": pos, "neg": neg, "cpos": cpos, "cneg": cneg}
     with torch.inference_mode():
         out["p3s"] = inj.inject(model, adapter, ref, vae, clipv, 0.2, 1.0, "cond and uncond")[0]

@@ -32,7 +32,7 @@ def _probed(model, calls):
 def test_extended_self_attention_goes_to_sdpa_everything_else_to_comfyui(comfy, sd15, clip_vision,
                                                                           active_adapter, reference, conds,
                                                                           attention):
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     patched = inject(comfy, sd15, clip_vision, active_adapter, reference)
     routed, plain = [], []
     on = sample(comfy, _probed(patched, routed), conds, steps=1)
@@ -41,12 +41,12 @@ def test_extended_self_attention_goes_to_sdpa_everything_else_to_comfyui(comfy, 
     assert extended == []  # all 16 extended self-attentions were taken by the route
     assert len(routed) == len(plain) - 16  # every other call reached the probe (and the kernel)
     assert {c[0] for c in routed} == {"attention_sub_quad"}
-    backend._ExtendedAttentionRoute.enabled = False
+    backend.ExtendedAttentionRoute.enabled = False
     try:
         off_calls = []
         off = sample(comfy, _probed(patched, off_calls), conds, steps=1)
     finally:
-        backend._ExtendedAttentionRoute.enabled = True
+        backend.ExtendedAttentionRoute.enabled = True
     assert len([c for c in off_calls if c[2] == 2 * c[1]]) == 16 and len(off_calls) == len(plain)
     # the same Eq. 8 through another kernel: equal up to float32 rounding
     plain_sample = sample(comfy, sd15.model, conds, steps=1)
@@ -56,13 +56,13 @@ def test_extended_self_attention_goes_to_sdpa_everything_else_to_comfyui(comfy, 
 
 
 def test_routed_kernel_equals_comfyuis_sub_quadratic_kernel(comfy, attention):
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 256, 320, generator=g)
     k, v = torch.randn(2, 512, 320, generator=g), torch.randn(2, 512, 320, generator=g)
     sub_quad = attention.attention_sub_quad.__wrapped__
     want = sub_quad(q, k, v, 8)
-    route = backend._ExtendedAttentionRoute()
+    route = backend.ExtendedAttentionRoute()
     assert torch.equal(route(sub_quad, q, k, v, 8), want) and route.routed == 0  # nothing announced
     route.expect = (2, 512)
     got = route(sub_quad, q, k, v, 8)
@@ -115,7 +115,7 @@ def test_pooled_level0_keys_fall_back_to_exact_under_a_second_injector(comfy, sd
     import sys
 
     node_module = sys.modules[comfy.node("P3SConditionInjector").__module__]
-    assert tuple(node_module.LEVEL0_KEYS) == comfy.core("comfy_backend").LEVEL0_KEYS  # the node's list is the core's
+    assert tuple(node_module.LEVEL0_KEYS) == comfy.core("comfyui_engine").LEVEL0_KEYS  # the node's list is the core's
     copy_mod = comfy.core("copy_unet")
     seen = []
 

@@ -178,7 +178,7 @@ def tiny_adapter(comfy):
 
 def test_positive_controls_pass_the_checks(comfy, sd15, clip_vision, tiny_adapter):
     """The real SD1.5 / ViT-L/14 / VAE / adapter pass the same checks the bad ones fail."""
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     backend.check_sd15(sd15.model)
     backend.check_vae_sd15(sd15.vae)
     backend.check_clip_vit_l(clip_vision)

@@ -21,7 +21,7 @@ def test_adapter_patcher_uses_comfyuis_core_patcher_class(comfy):
     import comfy.model_management as mm
     import comfy.model_patcher as cmp
 
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     core = getattr(cmp, "CoreModelPatcher", cmp.ModelPatcher)
     assert backend.adapter_patcher_class() is core
     adapter = torch.nn.Linear(4, 4)
@@ -55,7 +55,7 @@ def test_injector_joins_the_load_list_with_the_unets_patcher_class(comfy, sd15, 
     """The injected MODEL brings the adapter into ComfyUI's load list (additional models and the
     patch's models()) as a patcher of the UNet's own patcher family, so 0.33's load_models_gpu keeps
     its dynamic path whenever the UNet is dynamic."""
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     patched, patch = backend.apply_injector(sd15.model, active_adapter, None, None)
     extra = patched.get_additional_models()
     mine = backend.adapter_patcher(active_adapter)
@@ -85,7 +85,7 @@ def test_p3s_sampling_step_is_unchanged_when_comfyui_offloads(comfy, sd15, activ
     (weights cast per layer at run time, as when ComfyUI offloads), and P3S still acts there."""
     import comfy.model_management as mm
 
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     g = torch.Generator().manual_seed(6)
     x = torch.randn(1, 4, 8, 8, generator=g)
     ctx = torch.randn(1, 77, 768, generator=g)

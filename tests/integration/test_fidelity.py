@@ -55,7 +55,7 @@ def _inject(comfy, sd15, adapter, **kw):
 
 
 def _patch_of(comfy, model):
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     attn1 = model.model_options["transformer_options"]["patches"]["attn1_patch"]
     (patch,) = [p for p in attn1 if isinstance(p, backend.P3SInjectorPatch)]
     return patch
@@ -73,7 +73,7 @@ def active_adapter(comfy, sd15, clip_vision):
     """An SD1.5 adapter from the base UNet with non-zero zero convs (as after training) and a
     stored reference of two different photos."""
     adapter_mod = comfy.core("adapter")
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     with torch.inference_mode():
         lat, hid = backend.encode_reference(sd15.model, sd15.vae, clip_vision,
                                             torch.cat([_photo(1), _photo(2)]))
@@ -134,7 +134,7 @@ def test_trainer_same_seed_same_adapter_other_seed_differs_and_file_carries_the_
     assert sa.training_info["reproducible"] is True
     with torch.inference_mode():
         loaded = comfy.node("P3SAdapterLoader")().load("p3s_fid_a.safetensors")[0]
-        lat, hid = comfy.core("comfy_backend").encode_reference(sd15.model, sd15.vae, clip_vision, img)
+        lat, hid = comfy.core("comfyui_engine").encode_reference(sd15.model, sd15.vae, clip_vision, img)
     # the cleaned photo as training saw it: its latent I' and CLIP hidden states c_s
     assert loaded.reference["latent"].shape == (1, 4, SIZE // 8, SIZE // 8)
     assert torch.allclose(loaded.reference["latent"], lat.float(), atol=1e-5)
@@ -205,7 +205,7 @@ def test_training_lowers_the_held_out_denoising_loss(comfy, sd15, clip_vision, c
     img = _photo(21)
     out = _train(comfy, sd15, clip_vision, img, epochs=6, learning_rate=1e-4, seed=3, save_name="p3s_fid_fit")
     trained = out["result"][0]
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     with torch.inference_mode(False):
         sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
         untrained = comfy.core("adapter").new_adapter(unet_state_dict=sd, seed=3)
@@ -222,7 +222,7 @@ def test_training_lowers_the_held_out_denoising_loss(comfy, sd15, clip_vision, c
 
 # --- 3. L_ac acts: its share of the gradient of the parameters that produce M_c -----------------------
 def test_l_ac_gradient_share_default_vs_literal(comfy, sd15, clip_vision):
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     train = comfy.core("train")
     with torch.inference_mode():
         (b,) = tr.cache_inputs(sd15.model, sd15.clip, sd15.vae, clip_vision, _photo(5), PROMPT, resolution=SIZE)
@@ -383,7 +383,7 @@ def test_a_landscape_reference_reaches_the_copy_undistorted(comfy, sd15, clip_vi
     import torch.nn.functional as F
 
     wide = _photo(7, h=96, w=128)
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     with torch.inference_mode():
         lat, hid = backend.encode_reference(sd15.model, sd15.vae, clip_vision, wide)
     with torch.no_grad():
@@ -414,7 +414,7 @@ def test_a_landscape_reference_reaches_the_copy_undistorted(comfy, sd15, clip_vi
 def test_trainer_other_photo_pairs_each_target_with_the_other_photo(comfy, sd15, clip_vision, monkeypatch):
     """reference_pairing = 'other photo' through the real P3S Trainer: with two photos every step's
     reference I' is the OTHER photo's latent (flipped left-right or not), never the target itself."""
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     build = tr.build_step_fn
     seen = []
 
@@ -429,7 +429,7 @@ def test_trainer_other_photo_pairs_each_target_with_the_other_photo(comfy, sd15,
         ctx.step_fn = step_fn
         return ctx
 
-    monkeypatch.setattr(tr, "build_step_fn", recording_build)
+    monkeypatch.setattr(comfy.core("comfyui_engine.training"), "build_step_fn", recording_build)
     photos = torch.cat([_photo(21), _photo(22)])
     out = _train(comfy, sd15, clip_vision, photos, epochs=2, save_name="p3s_fid_other",
                  reference_pairing="other photo")

@@ -87,7 +87,7 @@ def test_frozen_copy_applies_the_graphs_lora_like_comfyui(comfy, sd15, lora_mode
     loaded into the shared module, is the plain UNet (no LoRA leaks in, none is applied twice)."""
     import comfy.model_management as mm
 
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     x, t, ctx = _inputs()
     mm.load_models_gpu([sd15.model], force_full_load=True)
     plain_ref = _comfy_forward(sd15.model, x, t, ctx)
@@ -109,7 +109,7 @@ def test_frozen_copy_of_a_lowvram_load_that_patches_at_cast_time(comfy, sd15, lo
     in that state, and takes none of the cast machinery (plain torch layers, no weight functions)."""
     import comfy.model_management as mm
 
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     x, t, ctx = _inputs()
     mm.unload_all_models()
     cpu = torch.device("cpu")
@@ -140,7 +140,7 @@ def test_frozen_copy_shares_unpatched_weights_and_copies_only_patched_ones(comfy
     (non-inference) tensors autograd may save, in the model's own dtype, without requires_grad."""
     import comfy.model_management as mm
 
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     mm.unload_all_models()
     unet = tr.frozen_unet_copy(lora_model, torch.device("cpu"))
     src = dict(lora_model.model.diffusion_model.named_parameters())
@@ -177,7 +177,7 @@ def _old_deepcopy_unet(model):
 
 
 def _adapter_grads(comfy, model, adapter, unet, batch, seed=3, checkpointing=False):
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     train = comfy.core("train")
     settings = train.TrainSettings(ac_layers="all")
     ctx = tr.build_step_fn(model, adapter, settings, unet=unet, device=torch.device("cpu"),
@@ -201,7 +201,7 @@ def _adapter_grads(comfy, model, adapter, unet, batch, seed=3, checkpointing=Fal
 
 @pytest.fixture(scope="module")
 def grad_setup(comfy, lora_model):
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     g = torch.Generator().manual_seed(8)
     batch = {"latent": torch.randn(1, 4, 8, 8, generator=g), "context": torch.randn(1, 77, 768, generator=g),
              "clip_hidden": torch.randn(1, 257, 1024, generator=g)}
@@ -240,7 +240,7 @@ def test_gradients_are_deterministic_and_checkpointing_keeps_them(comfy, lora_mo
     and the same gradients (to float reassociation: on 0.33 two identical backward passes in one
     process were seen to differ in the last bits); gradient checkpointing (on a fresh frozen UNet:
     it wraps that UNet's layers) gives the same gradients."""
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     batch, new_unet, adapter = grad_setup
     l1, g1 = _adapter_grads(comfy, lora_model, adapter, new_unet, batch, seed=4)
     l2, g2 = _adapter_grads(comfy, lora_model, adapter, new_unet, batch, seed=4)
@@ -263,7 +263,7 @@ def test_patched_weight_is_comfyuis_own_patch_on_both_paths(comfy, lora_model):
     import comfy.model_management as mm
     import comfy.model_patcher as cmp
 
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     cpu = torch.device("cpu")
     mm.unload_all_models()
     keys = [f"diffusion_model.{n}.weight" for n, _ in LORA_LAYERS]

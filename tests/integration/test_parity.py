@@ -17,7 +17,7 @@ LATENT = 8  # 64x64 images: every UNet level exists, one step stays cheap
 
 @pytest.fixture(scope="module")
 def engines(comfy, sd15):
-    db = comfy.core("diffusers_backend")
+    db = comfy.core("diffusers_engine")
     path = comfy.folder_paths.get_full_path("checkpoints", "p3s_random_sd15.safetensors")
     with torch.inference_mode(False):
         dunet = db.load_unet(path, dtype=torch.float32)
@@ -27,7 +27,7 @@ def engines(comfy, sd15):
 @pytest.fixture(scope="module")
 def adapter(comfy, sd15):
     """Initialised from ComfyUI's UNet, with active zero convs and encoder (as after training)."""
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     adapter_mod = comfy.core("adapter")
     with torch.inference_mode(False):
         sd = {k: v.detach().clone().float() for k, v in backend.base_unet_state_dict(sd15.model).items()}
@@ -52,7 +52,7 @@ def texts(comfy, sd15):
 def _comfy_eps(comfy, sd15, adapter, i2, x_vp, t, context, **kw):
     import comfy.model_management as mm
 
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     patched, _patch = backend.apply_injector(sd15.model, adapter, i2, kw.pop("schedule"), **kw)
     mm.load_models_gpu([patched])
     ms = patched.get_model_object("model_sampling")
@@ -108,7 +108,7 @@ def test_noise_prediction_matches_comfyui(comfy, sd15, engines, adapter, texts, 
 
 def test_training_step_loss_and_gradients_match_comfyui(comfy, sd15, engines, adapter, texts):
     db, dunet = engines
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     train = comfy.core("train")
     settings = train.TrainSettings()
     g = torch.Generator().manual_seed(6)

@@ -76,7 +76,7 @@ def test_rngr_node_shapes_ranges_dtypes(comfy, batch, clip_vision):
 
 def test_points_map_to_the_right_clip_patches(comfy, batch, clip_vision):
     """Eq. 1 through the real CLIP: the similarity map peaks (cosine 1) at the patch under the point."""
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     rngr = comfy.core("rngr")
     with torch.inference_mode():
         squares, boxes = backend.letterboxed_batch(batch)

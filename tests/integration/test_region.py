@@ -36,7 +36,7 @@ def references():
 
 
 def _adapter(comfy, sd15, seed):
-    adapter_mod, copy_mod, backend = comfy.core("adapter"), comfy.core("copy_unet"), comfy.core("comfy_backend")
+    adapter_mod, copy_mod, backend = comfy.core("adapter"), comfy.core("copy_unet"), comfy.core("comfyui_engine")
     with torch.inference_mode(False):
         sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
         adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=seed)

@@ -88,7 +88,7 @@ def test_trainer_runs_saves_and_reports(comfy, first_run):
 
 def test_saved_file_loads_and_differs_from_the_untrained_init(comfy, sd15, first_run):
     adapter_mod = comfy.core("adapter")
-    backend = comfy.core("comfy_backend")
+    backend = comfy.core("comfyui_engine")
     with torch.inference_mode():
         loaded = comfy.node("P3SAdapterLoader")().load("p3s_it_subject.safetensors")[0]
     trained = first_run.out["result"][0]
@@ -184,8 +184,8 @@ def test_cancel_keeps_the_last_completed_save_and_resume_continues(comfy, sd15, 
 
 def test_cache_inputs_match_comfyui_nodes(comfy, sd15, clip_vision):
     """Latents, text conditioning and CLIP hidden states equal what the core nodes compute."""
-    tr = comfy.core("comfy_backend_train")
-    backend = comfy.core("comfy_backend")
+    tr = comfy.core("comfyui_engine")
+    backend = comfy.core("comfyui_engine")
     g = torch.Generator().manual_seed(2)
     img = torch.rand(1, 80, 64, 3, generator=g)  # portrait: the short side (64) becomes 64
     mask = torch.zeros(1, 80, 64)
@@ -205,13 +205,14 @@ def test_cache_inputs_match_comfyui_nodes(comfy, sd15, clip_vision):
     assert b.clip_hidden.shape == (1, 257, 1024) and torch.allclose(b.clip_hidden, hidden.float(), atol=1e-5)
     assert b.mask.shape == (1, 1, 10, 8)
     assert torch.allclose(b.mask[0, 0, :5], torch.ones(5, 8)) and torch.allclose(b.mask[0, 0, 5:], torch.zeros(5, 8))
-    assert tr.resized_size(80, 64, 512) == (640, 512) and tr.resized_size(300, 500, 512) == (512, 856)
-    assert tr.resized_size(64, 64, 128) == (128, 128)
+    resized_size = comfy.core("train").resized_size
+    assert resized_size(80, 64, 512) == (640, 512) and resized_size(300, 500, 512) == (512, 856)
+    assert resized_size(64, 64, 128) == (128, 128)
 
 
 def test_attention_capture_is_explicit_softmax_and_matches_comfyui(comfy, sd15):
     """The attn2 replace patch returns ComfyUI's attention output and stores softmax(QK^T/sqrt d)."""
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     from comfy.ldm.modules import attention as comfy_attn
 
     attn2 = sd15.model.model.diffusion_model.output_blocks[11][1].transformer_blocks[0].attn2
@@ -240,13 +241,13 @@ def test_attention_capture_is_explicit_softmax_and_matches_comfyui(comfy, sd15):
 
 def test_bad_inputs_fail_before_any_work(comfy, sd15, clip_vision, photos, monkeypatch):
     errors = comfy.core("errors")
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     node_mod = sys.modules[comfy.pack.__name__ + ".nodes.trainer_nodes"]
 
     def no_training(*a, **k):
         raise AssertionError("training started although an input was bad")
 
-    monkeypatch.setattr(tr, "run_training", no_training)
+    monkeypatch.setattr(comfy.core("comfyui_engine.training"), "run_training", no_training)
     imgs = photos.images
     cases = [
         (dict(images=imgs[:0]), errors.ImageInputError, "images"),
@@ -285,7 +286,7 @@ def test_step_matches_apply_model_and_all_layer_loss(comfy, sd15, clip_vision, p
     """One step's eps prediction equals ComfyUI's own apply_model path on the same x_t, sigma and
     patches (so the frozen copy, calculate_input and timestep are right), and ac_layers='all'
     compares all 16 cross-attention maps."""
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     train = comfy.core("train")
     with torch.inference_mode():
         (b,) = tr.cache_inputs(sd15.model, sd15.clip, sd15.vae, clip_vision, photos.images[:1], PROMPT,
@@ -352,8 +353,9 @@ def test_divergence_reports_and_keeps_the_last_save(comfy, sd15, clip_vision, ph
 
     monkeypatch.setattr(train, "train_adapter", diverging_loop)
     # no backward pass runs here: the shared UNet can stand in for the frozen copy (saves time)
-    tr = comfy.core("comfy_backend_train")
-    monkeypatch.setattr(tr, "frozen_unet_copy", lambda model, device=None: model.model.diffusion_model)
+    tr = comfy.core("comfyui_engine")
+    monkeypatch.setattr(comfy.core("comfyui_engine.training"), "frozen_unet_copy",
+                        lambda model, device=None: model.model.diffusion_model)
     with pytest.raises(errors.TrainingDivergedError) as err:
         _train(comfy, **_node_args(sd15, clip_vision, photos.images[:1], epochs=2, save_every=1,
                                    save_name="p3s_it_diverged"))
@@ -393,7 +395,7 @@ def test_gradient_checkpointing_auto_on_off_and_saved_booleans(comfy, sd15, clip
     assert first_run.out["result"][0].training_info["gradient_checkpointing"] is False
     assert "gradient checkpointing off (auto)" in first_run.out["ui"]["text"][0]
     # what the node hands the core, for each choice (the spy stops before any work)
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     seen = []
 
     class Stop(Exception):
@@ -403,7 +405,7 @@ def test_gradient_checkpointing_auto_on_off_and_saved_booleans(comfy, sd15, clip
         seen.append(kwargs["gradient_checkpointing"])
         raise Stop
 
-    monkeypatch.setattr(tr, "run_training", spy)
+    monkeypatch.setattr(comfy.core("comfyui_engine.training"), "run_training", spy)
     choices = ["auto", "on", "off", True, False]
     for choice in choices:
         with pytest.raises(Stop):

@@ -78,7 +78,7 @@ def test_a_loss_turning_non_finite_stops_the_real_loop_and_keeps_the_last_save(c
                                                                                monkeypatch):
     """The real training loop; only the step's loss is poisoned at step 2 (what a diverging run gives)."""
     errors = comfy.core("errors")
-    tr = comfy.core("comfy_backend_train")
+    tr = comfy.core("comfyui_engine")
     folder = Path(comfy.folder_paths.get_folder_paths("p3s")[0])
     target = folder / "reliability_nan.safetensors"
     if target.exists():
@@ -98,7 +98,7 @@ def test_a_loss_turning_non_finite_stops_the_real_loop_and_keeps_the_last_save(c
         ctx.step_fn = step
         return ctx
 
-    monkeypatch.setattr(tr, "build_step_fn", build)
+    monkeypatch.setattr(comfy.core("comfyui_engine.training"), "build_step_fn", build)
     g = torch.Generator().manual_seed(5)
     photos = torch.rand(2, 64, 64, 3, generator=g)
     with pytest.raises(errors.TrainingDivergedError) as err:

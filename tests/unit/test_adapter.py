@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from p3s_core import safe_io
 from p3s_core.adapter import (BASE_FAMILY, FORMAT_VERSION, P3SAdapter, adapter_metadata,
                               load_adapter, new_adapter, save_adapter, unet_fingerprint)
-from p3s_core.copy_unet import CopyUNetConfig, layer_map, ldm_key_map
+from p3s_core.copy_init import ldm_key_map
+from p3s_core.copy_unet import CopyUNetConfig, layer_map
 from p3s_core.errors import AdapterFileError
 from p3s_core.safe_io import atomic_save_safetensors, read_safetensors_header
 

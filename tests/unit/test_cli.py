@@ -86,7 +86,7 @@ def test_train_writes_an_adapter_and_a_config_that_repeats_the_run(models, tmp_p
     assert cli.main(["train", "--config", str(out.parent / "p3s_train.json"), "--out", str(out2)]) == 0
     assert out2.read_bytes() == out.read_bytes()
     # the training moved the adapter away from its initialisation
-    from p3s_core import diffusers_backend as db
+    from p3s_core import diffusers_engine as db
 
     unet = db.load_unet(models["model"])
     init = db.new_adapter_for_unet(unet, seed=3, config=db.copy_config_for(unet), clip_dim=16)
@@ -95,7 +95,7 @@ def test_train_writes_an_adapter_and_a_config_that_repeats_the_run(models, tmp_p
 
 
 def test_generate_writes_images_and_strength_zero_is_the_plain_pipeline(models, tmp_path):
-    from p3s_core import diffusers_backend as db
+    from p3s_core import diffusers_engine as db
 
     unet = db.load_unet(models["model"])
     adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), clip_dim=16)
@@ -148,7 +148,7 @@ def test_generate_with_a_controlnet_pipeline(models, tmp_path):
     """StableDiffusionControlNetPipeline + P3S: the ControlNet path runs and P3S still changes it."""
     from diffusers import ControlNetModel
 
-    from p3s_core import diffusers_backend as db
+    from p3s_core import diffusers_engine as db
 
     unet = db.load_unet(models["model"])
     ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "cn")
@@ -182,8 +182,9 @@ def test_the_node_path_never_imports_diffusers_or_transformers():
         mods |= set(re.findall(r"p3s_core\.(\w+)", text)) | set(re.findall(r"p3s_core import (\w+)", text))
         for line in re.findall(r"from \.\.p3s_core import \(?([\w, ]+)", text):
             mods |= {m.strip() for m in line.split(",") if m.strip()}
-    mods = sorted(m for m in mods if (REPO / "p3s_core" / f"{m}.py").exists())
-    assert "comfy_backend" in mods and "adapter" in mods
+    mods = sorted(m for m in mods if (REPO / "p3s_core" / f"{m}.py").exists()
+                  or (REPO / "p3s_core" / m / "__init__.py").exists())
+    assert "comfyui_engine" in mods and "adapter" in mods
     code = ("import sys, importlib\n"
             f"for m in {mods!r}: importlib.import_module('p3s_core.' + m)\n"
             "bad = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]\n"

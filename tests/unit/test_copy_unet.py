@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p3s_core.copy_unet import (ATTN_MAP_KEY, LAYER_MAP, CopyUNetConfig, Downsample,
-                                P3SCopyUNet, ResBlock, SpatialTransformer, count_parameters,
-                                init_from_ldm_unet, layer_key, layer_map, timestep_embedding)
+from p3s_core.copy_init import count_parameters, init_from_ldm_unet
+from p3s_core.copy_unet import (ATTN_MAP_KEY, LAYER_MAP, CopyUNetConfig, Downsample, P3SCopyUNet, ResBlock,
+                                SpatialTransformer, layer_key, layer_map, timestep_embedding)
 from p3s_core.errors import AdapterFileError, ModelMismatchError
 
 TINY = CopyUNetConfig.tiny()

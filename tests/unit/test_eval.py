@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from p3s_core import dreambench as dbm
+from p3s_core.cli import evaluation as dbm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tiny_sd  # noqa: E402

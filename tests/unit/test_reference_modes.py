@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from p3s_core.adapter import new_adapter
-from p3s_core.comfy_backend import P3SInjectorPatch
+from p3s_core.comfyui_engine import P3SInjectorPatch
 from p3s_core.copy_unet import CopyUNetConfig
 from p3s_core.encoder import fit_reference
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from p3s_core import region as R
+from p3s_core.previews import region_preview
 from p3s_core.errors import ImageInputError
 
 
@@ -106,8 +107,8 @@ def test_region_object_and_preview():
     assert not reg.empty and R.Region.from_mask(torch.zeros(1, 8, 8)).empty
     assert torch.equal(reg.weights((2, 2)), torch.tensor([0.0, 1.0, 0.0, 1.0]))
     assert reg.weights((2, 2)) is reg.weights((2, 2))  # cached derived constant
-    prev = R.region_preview(reg.mask[None])
+    prev = region_preview(reg.mask[None])
     assert prev.shape == (1, 32, 32, 3) and float(prev[0, 0, 31, 1]) > float(prev[0, 0, 0, 1])
     img = torch.rand(1, 40, 20, 3)
-    assert R.region_preview(reg.mask[None], img).shape == (1, 40, 20, 3)
+    assert region_preview(reg.mask[None], img).shape == (1, 40, 20, 3)
     assert math.isclose(R.MAX_FEATHER, 0.5)

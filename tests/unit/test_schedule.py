@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p3s_core.errors import P3SError, ScheduleError
-from p3s_core.schedule import MODES, P3SSchedule, plot_curve, timestep_to_t_over_T
+from p3s_core.previews import plot_curve
+from p3s_core.schedule import MODES, P3SSchedule, timestep_to_t_over_T
 
 GRID = [i / 20 for i in range(21)]
 

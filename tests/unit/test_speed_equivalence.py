@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from p3s_core.adapter import new_adapter
-from p3s_core.comfy_backend import P3SInjectorPatch
+from p3s_core.comfyui_engine import P3SInjectorPatch
 from p3s_core.copy_unet import ATTN_MAP_KEY, CopyUNetConfig, P3SCopyUNet, distinct_rows
 from p3s_core.injection import injected_context_value
 

@@ -13,7 +13,8 @@ from p3s_core.copy_unet import ATTN_MAP_KEY, CopyUNetConfig
 from p3s_core.errors import TrainingConfigError, TrainingDivergedError
 from p3s_core.losses import attention_consistency_loss
 from p3s_core.train import (TrainBatch, TrainSettings, contains_identifier, estimate_adapter_bytes,
-                            masked_ldm_loss, plot_losses, train_adapter)
+                            masked_ldm_loss, train_adapter)
+from p3s_core.previews import plot_losses
 
 TINY = CopyUNetConfig.tiny()           # widths 32/64/128, context 32
 ENC = dict(clip_dim=16, encoder_inner_dim=8)

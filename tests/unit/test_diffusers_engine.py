@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from p3s_core import diffusers_backend as db
+from p3s_core import diffusers_engine as db
 from p3s_core.adapter import new_adapter
 from p3s_core.copy_unet import CopyUNetConfig
 from p3s_core.injection import reference_attention
@@ -149,7 +149,7 @@ def test_bad_options_raise_typed_errors(unet):
     with pytest.raises(P3SError, match="strength"):
         db.P3SDiffusersInjector(unet, adapter, strength=float("nan"))
     with pytest.raises(db.ModelLoadError, match="pickled"):
-        db._check_model_path(__file__)
+        db.loading._check_model_path(__file__)
 
 
 def test_training_step_gives_finite_losses_and_gradients_on_the_adapter_only(unet):

@@ -27,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import P3SError
+from ..errors import P3SError
 
 DEFAULT_PROMPT = "a photo of {identifier} {class}"
 
@@ -51,7 +51,7 @@ def rank_world() -> tuple[int, int, int]:
 
 
 def subjects_of(folder) -> list[Path]:
-    from .cli import IMAGE_EXT
+    from .common import IMAGE_EXT
 
     root = Path(folder)
     if not root.is_dir():
@@ -68,7 +68,7 @@ def subjects_of(folder) -> list[Path]:
 def prompt_for(subject: Path, template: str, identifier: str) -> str:
     if (subject / "prompt.txt").is_file():
         return (subject / "prompt.txt").read_text().strip()
-    from .dreambench import SUBJECTS
+    from .evaluation import SUBJECTS
 
     if (subject / "class.txt").is_file():
         cls = (subject / "class.txt").read_text().strip()
@@ -79,7 +79,7 @@ def prompt_for(subject: Path, template: str, identifier: str) -> str:
 
 def is_complete(path: Path, steps: int) -> bool:
     """True when ``path`` is an adapter whose training record says ``steps`` steps."""
-    from .safe_io import read_safetensors_header
+    from ..safe_io import read_safetensors_header
 
     if not path.is_file():
         return False
@@ -112,9 +112,8 @@ def _process_group(world: int):
 
 
 def cmd_train_many(args) -> int:
-    from .cli import _device, _dtype, list_images, load_clip_vision, settings_from, train_one, write_config
-
-    from .cli import set_threads
+    from .common import (list_images, load_clip_vision, pick_device, pick_dtype, set_threads, settings_from, train_one,
+                         write_config)
 
     set_threads(args.threads)
     rank, world, local = rank_world()
@@ -136,12 +135,12 @@ def cmd_train_many(args) -> int:
           flush=True)
     dist = _process_group(world)
     if todo:
-        from . import diffusers_backend as db
+        from .. import diffusers_engine as db
 
-        dev = _device(args.device)
+        dev = pick_device(args.device)
         if dev == "cuda":
             dev = f"cuda:{local}"
-        pipe = db.load_pipeline(args.model, tokenizer=args.tokenizer, dtype=_dtype(args.dtype), device=dev)
+        pipe = db.load_pipeline(args.model, tokenizer=args.tokenizer, dtype=pick_dtype(args.dtype), device=dev)
         clip = load_clip_vision(args.clip_vision, dev)
         for s, photos, prompt, steps in todo:
             t0 = time.time()

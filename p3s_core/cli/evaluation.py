@@ -27,14 +27,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .errors import P3SError
+from ..errors import P3SError
 
 __all__ = [
     "OBJECT_PROMPTS", "LIVE_PROMPTS", "SUBJECTS", "LIVE_SUBJECTS", "PAPER",

@@ -1,0 +1,112 @@
+"""The diffusers engine: one training step (Eq. 11-15) on a diffusers UNet."""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import torch
+
+from ..copy_unet import ATTN_MAP_KEY, LAYER_MAP
+from ..errors import ModelMismatchError, TrainingConfigError
+from ..losses import copy_attention_hooks
+from .attention import CrossAttentionCapture, P3SDiffusersInjector
+from .layers import _ATTN2_KEYS, LAST_CROSS_ATTENTION
+from .loading import CONFIG_DIR
+
+
+def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] | None = None,
+                  device=None, detach_original: bool = True):
+    """The training step of :func:`p3s_core.train.train_adapter` on a diffusers UNet:
+    ``step_fn(adapter, x0, context, clip_hidden, generator, mask=None) -> (L_LDM, L_ac)``.
+
+    Same draws and maths as the ComfyUI trainer (``comfyui_engine.training_step.build_step_fn``): ``t ~
+    U{0..999}`` then ``noise ~ N(0, I)`` from the generator, ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t)
+    noise`` (ComfyUI's ``calculate_input(noise_scaling(...))`` in VP form), I'' from the encoder
+    (Eq. 4-5), the UNet with the P3S processors at weight 1 (Eq. 6-8), L_LDM = (masked) MSE on eps
+    (Eq. 14) and L_ac (Eq. 11-13) between the copy's level-0 cross-attention map and the original
+    UNet's last cross-attention layer (``ac_layers='all'``: all 16, averaged). Returns
+    ``(step_fn, close)``."""
+    from ..losses import attention_consistency_loss
+    from ..train import masked_ldm_loss
+
+    pred = getattr(unet.config, "prediction_type", None)
+    if scheduler_config is not None and scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+        raise ModelMismatchError("model", "the scheduler predicts "
+                                 f"{scheduler_config.get('prediction_type')} (not epsilon)",
+                                 "train on an eps-prediction SD1.5 model")
+    del pred
+    cfg = dict(scheduler_config or json.loads((CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text()))
+    n_t = int(cfg.get("num_train_timesteps", 1000))
+    betas = torch.linspace(float(cfg.get("beta_start", 0.00085)) ** 0.5,
+                           float(cfg.get("beta_end", 0.012)) ** 0.5, n_t, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    device = torch.device(device) if device is not None else next(unet.parameters()).device
+    unet_dtype = next(unet.parameters()).dtype
+    maps: dict[str, torch.Tensor] = {}
+    copy_out: dict = {}
+    level_of = {e["key"]: e["level"] for e in LAYER_MAP}
+    names = list(_ATTN2_KEYS) if settings.ac_layers == "all" else [LAST_CROSS_ATTENTION]
+    copy_maps: dict[int, torch.Tensor] = {}
+
+    def feature_hook(out):
+        copy_out["attn"] = out.get(ATTN_MAP_KEY)
+
+    inj = P3SDiffusersInjector(unet, adapter, None, None, strength=1.0,
+                               feature_hook=feature_hook)
+    inj.extra_processors = {n: CrossAttentionCapture(_ATTN2_KEYS[n], maps, detach_original)
+                            for n in names}
+    inj.install()
+    closers = [inj.remove]
+    if settings.ac_layers == "all":
+        hooks = copy_attention_hooks(adapter, copy_maps)
+        hooks.__enter__()
+        closers.append(lambda: hooks.__exit__(None, None, None))
+    bg = float(settings.mask_background_weight)
+
+    def step_fn(adapter_, x0, context, clip_hidden, generator, mask=None):
+        if adapter_ is not adapter:
+            raise TrainingConfigError("adapter", "the step function was built for another adapter",
+                                      "build the step function with the adapter being trained")
+        t = torch.randint(0, n_t, (1,), generator=generator)
+        noise = torch.randn(tuple(x0.shape), generator=generator).to(device)
+        x0 = x0.to(device)
+        a = alphas_cumprod[t].to(device)
+        xt = (a.sqrt().float() * x0 + (1 - a).sqrt().float() * noise)
+        maps.clear()
+        copy_out.clear()
+        copy_maps.clear()
+        p = next(adapter.parameters())
+        inj.i2 = adapter.encode_reference(x0.to(p.device, p.dtype), clip_hidden.to(p.device, p.dtype))
+        try:
+            eps = unet(xt.to(unet_dtype), t.to(device),
+                       encoder_hidden_states=context.to(device, unet_dtype), return_dict=False)[0]
+        finally:
+            inj.i2 = None
+        l_ldm = masked_ldm_loss(noise, eps.float(), None if mask is None else mask.to(device), bg)
+        if settings.ac_layers == "last":
+            m_c, m_o = copy_out.get("attn"), maps.get("output_11")
+            if m_c is None or m_o is None:
+                raise ModelMismatchError("model", "the last cross-attention map was not captured",
+                                         "train on a plain SD1.5 UNet")
+            h, w = x0.shape[-2:]
+            from ..injection import token_grid
+
+            l_ac = attention_consistency_loss(m_c.float(), m_o.float(), hw_c=(h, w),
+                                              hw_o=token_grid(m_o.shape[1], (h, w)))
+        else:
+            parts = [attention_consistency_loss(copy_maps[level_of[k]].float(), m.float())
+                     for k, m in maps.items() if level_of.get(k) in copy_maps]
+            if len(parts) != len(names):
+                raise ModelMismatchError("model", f"only {len(parts)} of {len(names)} cross-"
+                                         "attention maps were captured", "train on a plain SD1.5 UNet")
+            l_ac = torch.stack(parts).mean()
+        return l_ldm, l_ac
+
+    def close():
+        for c in reversed(closers):
+            c()
+
+    return step_fn, close
+
+
+# --- generation --------------------------------------------------------------------------------------
