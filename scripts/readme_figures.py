@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """The README's benchmark figures, generated from the committed benchmark results.
 
-    scripts/readme_figures.py            # rewrite the block of README.md between the bench markers
-    scripts/readme_figures.py --check    # exit 1 if the README's block differs from bench.json's
-    scripts/readme_figures.py --print    # print the block
+    scripts/readme_figures.py            # rewrite README.md's two generated blocks
+    scripts/readme_figures.py --check    # exit 1 if either block differs from the committed results
+    scripts/readme_figures.py --print    # print both blocks
 
-The block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is
-:func:`render` of ``benchmarks/results/bench.json`` (written by ``scripts/bench.sh``); nothing in it
-is typed by hand. Needs only the standard library (no ComfyUI, no torch).
+The block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is :func:`render` of
+``benchmarks/results/bench.json`` (written by ``scripts/bench.sh``, the CPU benchmark); the block
+between ``<!-- gpu:start -->`` and ``<!-- gpu:end -->`` is :func:`render_gpu` of each
+``benchmarks/results/gpu-*.json`` (written by ``scripts/gpu_check.py`` on a CUDA machine). Nothing in
+them is typed by hand. Needs only the standard library (no ComfyUI, no torch).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "bench.json"
 README = REPO / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+GPU_START, GPU_END = "<!-- gpu:start -->", "<!-- gpu:end -->"
+GPU_RESULTS = "gpu-*.json"  # in RESULTS' folder
 
 NAMES = {"plain": "plain SD1.5", "p3s": "+ P3S", "controlnet": "+ ControlNet",
          "p3s+controlnet": "+ P3S + ControlNet", "p3s weight 0": "P3S at weight 0",
@@ -142,6 +147,138 @@ def render(result: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# --- the GPU block (scripts/gpu_check.py) ------------------------------------------------------------
+GPU_MODES = {"dynamic": "Dynamic VRAM on (default)", "legacy": "`--disable-dynamic-vram`"}
+GPU_VARIANTS = {"plain": "plain SD1.5", "p3s": "+ P3S", "controlnet": "+ ControlNet",
+                "p3s+controlnet": "+ P3S + ControlNet"}
+
+
+def gpu_results(folder: Path | None = None) -> list[tuple[str, dict]]:
+    """``(file name, result)`` of each committed ``gpu-*.json``, by name."""
+    folder = folder or RESULTS.parent
+    return [(f.name, json.loads(f.read_text())) for f in sorted(folder.glob(GPU_RESULTS))]
+
+
+def _gib(mib) -> str:
+    return f"{mib / 1024:.1f} GiB" if mib else "–"
+
+
+def _load_line(line: str) -> str:
+    """One ComfyUI loading line, without its timestamp/level prefix, the usable-memory figure kept."""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    line = line.split("] ", 1)[1] if line.startswith("[") and "] " in line else line
+    return line.strip()
+
+
+def render_gpu(name: str, result: dict) -> str:
+    """The Markdown of one ``gpu-*.json`` (a heading, the sampling table, training, low-VRAM runs)."""
+    st, m = result["settings"], result.get("machine", {})
+    servers = result.get("servers", {})
+    facts = next((f for f in servers.values() if f.get("device")), {})
+    dev = re.match(r"\S+ (.+?) : ", facts.get("device") or "")  # "cuda:0 NVIDIA H200 : cudaMallocAsync"
+    gpu = dev.group(1) if dev else (m.get("nvidia_smi") or "a GPU").split(",")[0]
+    dtype = next((f["unet_dtype"] for f in servers.values() if f.get("unet_dtype")), None)
+    lines = [f"`{name}`: `{result['command']}`, {result['date']}, on {gpu} "
+             f"({m.get('nvidia_smi') or 'nvidia-smi: –'}), torch {facts.get('pytorch') or '–'}, "
+             f"ComfyUI {facts.get('comfyui') or '–'}; random weights of the exact SD1.5 / CLIP ViT-L/14 / "
+             f"ControlNet shapes; {st['size']}², {st['sampler']} ({st['scheduler']}), {st['steps']} steps, "
+             f"CFG {st['cfg']:g}, UNet {st['unet_dtype']}" + (f" (ComfyUI: weight dtype {dtype})" if dtype else "")
+             + f"; P3S: {st['p3s']}; ControlNet: {st['controlnet']}.", ""]
+    modes = [md for md in GPU_MODES if md in result.get("sampling", {})]
+    if modes:
+        rounds = {md: len(result["sampling"][md].get("rounds", [])) for md in modes}
+        lines += [f"Per-step time, ratio to plain SD1.5 (each round runs every variant, the order reversed every "
+                  f"other round; a step = (t{st['steps']} − t{st['short_steps']}) / {st['steps'] - st['short_steps']} "
+                  "of warm KSampler runs, timed by ComfyUI; ratio = median over rounds of variant / plain of the "
+                  "same round, spread min–max; rounds: "
+                  + ", ".join(f"{rounds[md]} ({md})" for md in modes) + "):", "",
+                  "| | " + " | ".join(GPU_MODES[md] for md in modes) + " |", "|---|" + "---|" * len(modes)]
+        for v, label in GPU_VARIANTS.items():
+            cells = []
+            for md in modes:
+                s = result["sampling"][md].get("variants", {}).get(v)
+                if not s or s.get("ratio_to_plain") is None:
+                    cells.append("–")
+                    continue
+                lo, hi = s["ratio_spread"]
+                cells.append(f"{s['ratio_to_plain']:.3f}× ({lo:.3f}–{hi:.3f}), "
+                             f"{1000 * s['per_step_s']['median']:.1f} ms")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for label, key in (("whole 50-step prompt, + P3S / plain", "p3s"),
+                           ("whole 50-step prompt, + ControlNet / plain", "controlnet")):
+            label = label.replace("50", str(st["steps"]))
+            cells = []
+            for md in modes:
+                s = result["sampling"][md].get("variants", {}).get(key) or {}
+                r = s.get("prompt_ratio_to_plain")
+                cells.append("–" if r is None else f"{r:.3f}× ({s['prompt_s']['median']:.2f} s)")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for label, key in ((f"goal: P3S ≤ {result['goals']['p3s_max_ratio']:g}× plain", "p3s_le_1.25"),
+                           ("goal: P3S below ControlNet", "p3s_below_controlnet")):
+            cells = [_yes((result["sampling"][md].get("goals") or {}).get(key)) for md in modes]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for md in modes:
+            if result["sampling"][md].get("error"):
+                lines.append(f"Sampling, {md}: **failed** ({result['sampling'][md]['error'][:200]}).")
+    t = result.get("train") or {}
+    if t.get("epochs"):
+        g = t.get("goals", {})
+        if t.get("error"):
+            lines.append(f"Training ({t['epochs']} epochs × {t['images']} photos at {t['size']}²): **did not finish** "
+                         f"({t['error'][:200]}).")
+        else:
+            took = t.get("exec_s") or t.get("wall_s")
+            lines.append(f"Training (the P3S Trainer through ComfyUI, {t['epochs']} epochs × {t['images']} photos = "
+                         f"{t['steps']} steps at {t['size']}², gradient checkpointing {st['gradient_checkpointing']}, "
+                         f"{GPU_MODES.get(t['mode'], t['mode'])}): {took:.1f} s for the whole prompt (input caching "
+                         f"and save included; goal ≤ {result['goals']['train_max_s']:g} s: {_yes(g.get('le_60s'))}), "
+                         f"peak {_gib(t.get('peak_gpu_mib'))} of GPU memory for the server process "
+                         f"(nvidia-smi; goal ≤ {result['goals']['train_max_gib']:g} GB: {_yes(g.get('le_10gb'))}).")
+        lines.append("")
+    low = result.get("lowvram") or []
+    if low:
+        lines += [f"Little VRAM: a server started with `--reserve-vram` = the card's total − N GiB, + P3S, "
+                  f"{st['steps']} steps, once (model loading included):", "",
+                  "| run | completed | time | partial loads | vs. the full-load run (same seed) |",
+                  "|---|---|---|---|---|"]
+        for r in low:
+            vs = r.get("vs_full_load") or {}
+            cmp = (f"max abs diff {vs['max_abs_diff']:.2g} (of max {vs['max_abs']:.2g})"
+                   if "max_abs_diff" in vs else "–")
+            took = r.get("exec_s") or r.get("wall_s")
+            lines.append(f"| {GPU_MODES.get(r['mode'], r['mode'])}, {r['left_gib']:g} GiB left "
+                         f"(`--reserve-vram {r['reserve_vram_gib']:g}`) | {_yes(r.get('completed'))} | "
+                         + (f"{took:.1f} s" if took else "–") + f" | {r.get('partial_loads', '–')} | {cmp} |")
+        lines.append("")
+        for r in low:
+            loads = [_load_line(ln) for ln in r.get("load_lines", [])
+                     if re.search(r"loaded (partially|completely)|dynamic VRAM loading|Requested to load", ln)]
+            if loads:
+                lines.append(f"ComfyUI's loading lines, {r['mode']}, {r['left_gib']:g} GiB left:")
+                lines += ["```", *loads, "```"]
+            if r.get("error"):
+                lines.append(f"Error ({r['mode']}, {r['left_gib']:g} GiB): `{r['error'][:300]}`")
+        lines.append("")
+    if result.get("cuts"):
+        lines.append("Cut to fit the time limit: " + "; ".join(result["cuts"]) + ".")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+GPU_INTRO = """```bash
+$P3S_VENV/bin/python scripts/gpu_check.py --out benchmarks/results/gpu-NAME.json   # a CUDA machine, < 10 min
+scripts/readme_figures.py         # this section, from benchmarks/results/gpu-*.json
+```
+"""
+
+
+def gpu_block(results: list[tuple[str, dict]]) -> str:
+    note = ("<!-- generated by scripts/readme_figures.py from benchmarks/results/gpu-*.json; "
+            "edit neither by hand: rerun scripts/gpu_check.py, then scripts/readme_figures.py -->")
+    body = "\n".join(render_gpu(n, r) for n, r in results) if results else "No GPU run is committed.\n"
+    return f"{GPU_START}\n{note}\n{GPU_INTRO}{body}{GPU_END}"
+
+
 INTRO = """```bash
 scripts/bench.sh                  # 256² and 512², both attention backends, profile, RNGR, import, training
 scripts/bench.sh --sizes 512 --attention sdpa --steps 2 --reps 2 --skip-train --out /tmp/bench
@@ -179,32 +316,38 @@ def block(result: dict) -> str:
     return f"{START}\n{note}\n{INTRO}{render(result)}{END}"
 
 
-def readme_block(text: str) -> str:
-    i, j = text.find(START), text.find(END)
+def readme_block(text: str, start: str = START, end: str = END) -> str:
+    i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    return text[i:j + len(END)]
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    return text[i:j + len(end)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="exit 1 if README.md's block is not the generated one")
-    ap.add_argument("--print", action="store_true", help="print the generated block")
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md's blocks are not the generated ones")
+    ap.add_argument("--print", action="store_true", help="print the generated blocks")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--gpu-results", type=Path, default=None,
+                    help=f"the folder of the {GPU_RESULTS} files (default: --results' folder)")
     ap.add_argument("--readme", type=Path, default=README)
     args = ap.parse_args(argv)
-    new = block(json.loads(args.results.read_text()))
+    new = {(START, END): block(json.loads(args.results.read_text())),
+           (GPU_START, GPU_END): gpu_block(gpu_results(args.gpu_results or args.results.parent))}
     if args.print:
-        print(new)
+        print("\n\n".join(new.values()))
         return 0
     text = args.readme.read_text()
-    old = readme_block(text)
+    old = {k: readme_block(text, *k) for k in new}
     if args.check:
-        if old != new:
-            print(f"{args.readme} is out of date: run scripts/readme_figures.py", file=sys.stderr)
+        stale = [k[0] for k in new if old[k] != new[k]]
+        if stale:
+            print(f"{args.readme} is out of date ({', '.join(stale)}): run scripts/readme_figures.py", file=sys.stderr)
             return 1
         return 0
-    args.readme.write_text(text.replace(old, new))
+    for k in new:
+        text = text.replace(old[k], new[k])
+    args.readme.write_text(text)
     return 0
 
 

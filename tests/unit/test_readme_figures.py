@@ -1,6 +1,8 @@
-"""The README's benchmark figures are the committed results, generated, not typed (issue 13 part 6).
+"""The README's benchmark figures are the committed results, generated, not typed (issue 13 part 6;
+the GPU block: issue 21 item 7).
 
-Fast: reads benchmarks/results/bench.json and README.md only (no ComfyUI, no torch).
+Fast: reads benchmarks/results/bench.json, benchmarks/results/gpu-*.json and README.md only (no
+ComfyUI, no torch).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import readme_figures  # noqa: E402
 
 RESULT = json.loads(readme_figures.RESULTS.read_text())
+GPU = readme_figures.gpu_results()
 
 
 def test_readme_block_is_generated_from_the_committed_results():
@@ -58,10 +61,65 @@ def test_the_block_follows_the_numbers():
 
 def test_check_mode_fails_on_an_edited_readme(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n" + readme_figures.block(RESULT) + "\noutro\n")
+    readme.write_text("intro\n" + readme_figures.block(RESULT) + "\n" + readme_figures.gpu_block(GPU) + "\noutro\n")
     assert readme_figures.main(["--check", "--readme", str(readme)]) == 0
     readme.write_text(readme.read_text().replace("×", "x", 1))
     assert readme_figures.main(["--check", "--readme", str(readme)]) == 1
     assert readme_figures.main(["--readme", str(readme)]) == 0  # rewrite
     assert readme_figures.main(["--check", "--readme", str(readme)]) == 0
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("\noutro\n")
+
+
+# --- the GPU block -------------------------------------------------------------------------------------
+def test_readme_gpu_block_is_generated_from_the_committed_gpu_results():
+    text = readme_figures.README.read_text()
+    assert text.count(readme_figures.GPU_START) == 1 and text.count(readme_figures.GPU_END) == 1
+    assert readme_figures.readme_block(text, readme_figures.GPU_START, readme_figures.GPU_END) == \
+        readme_figures.gpu_block(GPU)
+
+
+def test_committed_gpu_results_hold_the_four_variants_in_both_vram_modes_training_and_a_low_vram_run():
+    """What issue 21 item 7 asks of a GPU run is in each committed gpu-*.json, or the file says why not."""
+    assert GPU, "no benchmarks/results/gpu-*.json"
+    for name, r in GPU:
+        assert r["kind"] == "gpu_check" and r["date"] and r["command"].startswith("scripts/gpu_check.py"), name
+        st = r["settings"]
+        assert (st["size"], st["steps"], st["cfg"], st["sampler"], st["unet_dtype"]) == (512, 50, 7.5, "ddim", "fp16")
+        for mode in ("dynamic", "legacy"):
+            s = r["sampling"][mode]
+            assert s.get("error") or len(s["rounds"]) >= 2, (name, mode)
+            if not s.get("error"):
+                assert set(s["variants"]) == set(readme_figures.GPU_VARIANTS), (name, mode)
+                assert abs(s["variants"]["plain"]["ratio_to_plain"] - 1.0) < 1e-9
+                for v in s["variants"].values():
+                    lo, hi = v["ratio_spread"]
+                    assert lo <= v["ratio_to_plain"] <= hi and len(v["ratio_rounds"]) == len(s["rounds"])
+        t = r["train"]
+        assert (t["epochs"], t["images"], t["size"]) == (60, 5, 512) or t.get("error"), name
+        assert r["lowvram"] and all("completed" in x and x["reserve_vram_gib"] > 0 for x in r["lowvram"]), name
+
+
+def test_the_gpu_block_follows_the_numbers():
+    name, result = GPU[0]
+    changed = copy.deepcopy(result)
+    s = changed["sampling"]["dynamic"]["variants"]["p3s"]
+    s["ratio_to_plain"] += 0.1234
+    s["ratio_spread"][1] += 0.1234
+    before, after = readme_figures.render_gpu(name, result), readme_figures.render_gpu(name, changed)
+    assert before != after and f"{s['ratio_to_plain']:.3f}×" in after
+    changed["train"]["exec_s"] = 12.3456
+    assert "12.3 s for the whole prompt" in readme_figures.render_gpu(name, changed)
+    if changed["lowvram"]:
+        changed["lowvram"][0]["completed"] = False
+        assert "| **no** |" in readme_figures.render_gpu(name, changed)
+
+
+def test_check_mode_fails_on_an_edited_gpu_block(tmp_path):
+    readme = tmp_path / "README.md"
+    gpu = readme_figures.gpu_block(GPU)
+    readme.write_text("intro\n" + readme_figures.block(RESULT) + "\n" + gpu + "\noutro\n")
+    assert readme_figures.main(["--check", "--readme", str(readme)]) == 0
+    readme.write_text(readme.read_text().replace(gpu, gpu.replace("×", "x", 1) if "×" in gpu else gpu + " "))
+    assert readme_figures.main(["--check", "--readme", str(readme)]) == 1
+    assert readme_figures.main(["--readme", str(readme)]) == 0
+    assert readme_figures.main(["--check", "--readme", str(readme)]) == 0
