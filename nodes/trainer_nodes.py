@@ -159,7 +159,12 @@ class P3STrainer:
         text = (f"{name}: {result.steps} steps, last loss {result.losses[-1]:.5f} = L_LDM "
                 f"{result.ldm_losses[-1]:.5f} + gamma*L_ac {result.weighted_ac_losses[-1]:.5f}"
                 if result.losses else name)
-        used = (adapter.training_info or {}).get("gradient_checkpointing")
+        info = adapter.training_info or {}
+        if info.get("precision"):
+            text += f"; precision {info['precision']}"
+            if info.get("skipped_steps"):
+                text += f" ({info['skipped_steps']} steps skipped by loss scaling)"
+        used = info.get("gradient_checkpointing")
         if used is not None:
             text += f"; gradient checkpointing {'on' if used else 'off'}" + (" (auto)" if checkpointing is None else "")
         return {"ui": {"text": [text]}, "result": (adapter, name, plot)}

@@ -9,13 +9,14 @@ import torch
 from ..copy_unet import ATTN_MAP_KEY, LAYER_MAP
 from ..errors import ModelMismatchError, TrainingConfigError
 from ..losses import copy_attention_hooks
+from ..precision import TrainingPrecision
 from .attention import CrossAttentionCapture, P3SDiffusersInjector
 from .layers import _ATTN2_KEYS, LAST_CROSS_ATTENTION
 from .loading import CONFIG_DIR
 
 
 def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] | None = None,
-                  device=None, detach_original: bool = True):
+                  device=None, detach_original: bool = True, precision=None):
     """The training step of :func:`p3s_core.train.train_adapter` on a diffusers UNet:
     ``step_fn(adapter, x0, context, clip_hidden, generator, mask=None) -> (L_LDM, L_ac)``.
 
@@ -24,8 +25,9 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
     noise`` (ComfyUI's ``calculate_input(noise_scaling(...))`` in VP form), I'' from the encoder
     (Eq. 4-5), the UNet with the P3S processors at weight 1 (Eq. 6-8), L_LDM = (masked) MSE on eps
     (Eq. 14) and L_ac (Eq. 11-13) between the copy's level-0 cross-attention map and the original
-    UNet's last cross-attention layer (``ac_layers='all'``: all 16, averaged). Returns
-    ``(step_fn, close)``."""
+    UNet's last cross-attention layer (``ac_layers='all'``: all 16, averaged). The forward runs in
+    ``precision.autocast()`` (a :class:`~p3s_core.precision.TrainingPrecision`; none when None).
+    Returns ``(step_fn, close)``."""
     from ..losses import attention_consistency_loss
     from ..train import masked_ldm_loss
 
@@ -42,6 +44,7 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     unet_dtype = next(unet.parameters()).dtype
+    precision = precision or TrainingPrecision()
     maps: dict[str, torch.Tensor] = {}
     copy_out: dict = {}
     level_of = {e["key"]: e["level"] for e in LAYER_MAP}
@@ -78,8 +81,9 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
         p = next(adapter.parameters())
         inj.i2 = adapter.encode_reference(x0.to(p.device, p.dtype), clip_hidden.to(p.device, p.dtype))
         try:
-            eps = unet(xt.to(unet_dtype), t.to(device),
-                       encoder_hidden_states=context.to(device, unet_dtype), return_dict=False)[0]
+            with precision.autocast():
+                eps = unet(xt.to(unet_dtype), t.to(device),
+                           encoder_hidden_states=context.to(device, unet_dtype), return_dict=False)[0]
         finally:
             inj.i2 = None
         l_ldm = masked_ldm_loss(noise, eps.float(), None if mask is None else mask.to(device), bg)
