@@ -56,3 +56,14 @@ def test_changelog_has_the_current_version_first():
     text = (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
     versions = re.findall(r"^## (\d+\.\d+\.\d+)", text, flags=re.M)
     assert versions[0] == PYPROJECT["project"]["version"] and "0.1.0" in versions
+
+
+def test_readme_install_section_puts_the_manager_first_and_says_how_to_publish():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    install = text[text.index("## Install in your ComfyUI"):text.index("\n## ", text.index("## Install in your ComfyUI") + 5)]
+    manager, git_url, by_name = install.index("ComfyUI-Manager"), install.index("Install via Git URL"), install.index(PYPROJECT["project"]["name"])
+    clone = install.index("git clone")
+    assert manager < git_url < clone and by_name < clone
+    publish = install[install.index("### Publishing a release"):]
+    for needle in ("pyproject.toml", "CHANGELOG.md", "scripts/registry_package.py", "publish.yml", "REGISTRY_ACCESS_TOKEN"):
+        assert needle in publish, needle
