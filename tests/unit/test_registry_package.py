@@ -2,7 +2,7 @@
 
 The files are selected as comfy-cli's ``comfy node pack`` selects them (``git ls-files`` minus
 ``.comfyignore``; scripts/registry_package.py says how). Checked by hand once against comfy-cli 1.23.0
-(``comfy node pack`` in a clone of this branch): the same 42 files, none more or less.
+(``comfy node pack`` in a clone of this branch, at its last commit): the same 58 files, none more or less.
 """
 from __future__ import annotations
 
