@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 import torch
@@ -13,6 +14,34 @@ from ..precision import TrainingPrecision
 from .attention import CrossAttentionCapture, P3SDiffusersInjector
 from .layers import _ATTN2_KEYS, LAST_CROSS_ATTENTION
 from .loading import CONFIG_DIR
+
+
+#: the noise schedules a diffusers scheduler config can name (``beta_schedule``)
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+
+
+def training_betas(cfg: Mapping[str, Any]) -> torch.Tensor:
+    """The training noise schedule (float64 betas) a diffusers scheduler config describes:
+    ``trained_betas`` when given, else ``beta_schedule`` from ``beta_start`` to ``beta_end`` over
+    ``num_train_timesteps`` (SD1.5: scaled_linear 0.00085..0.012). The same betas diffusers' own
+    schedulers compute, so x_t matches the model's training."""
+    n_t = int(cfg.get("num_train_timesteps", 1000))
+    trained = cfg.get("trained_betas")
+    if trained is not None:
+        return torch.tensor(list(trained), dtype=torch.float64)
+    kind = cfg.get("beta_schedule", "scaled_linear")
+    start, end = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    if kind == "scaled_linear":
+        return torch.linspace(start ** 0.5, end ** 0.5, n_t, dtype=torch.float64) ** 2
+    if kind == "linear":
+        return torch.linspace(start, end, n_t, dtype=torch.float64)
+    if kind == "squaredcos_cap_v2":
+        def abar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - abar((i + 1) / n_t) / abar(i / n_t), 0.999) for i in range(n_t)],
+                            dtype=torch.float64)
+    raise ModelMismatchError("model", f"the scheduler's beta_schedule {kind!r} is not one of {BETA_SCHEDULES}",
+                             "train with the SD1.5 scheduler config (scaled_linear)")
 
 
 def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] | None = None,
@@ -38,9 +67,8 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
                                  "train on an eps-prediction SD1.5 model")
     del pred
     cfg = dict(scheduler_config or json.loads((CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text()))
-    n_t = int(cfg.get("num_train_timesteps", 1000))
-    betas = torch.linspace(float(cfg.get("beta_start", 0.00085)) ** 0.5,
-                           float(cfg.get("beta_end", 0.012)) ** 0.5, n_t, dtype=torch.float64) ** 2
+    betas = training_betas(cfg)
+    n_t = int(betas.shape[0])
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     unet_dtype = next(unet.parameters()).dtype

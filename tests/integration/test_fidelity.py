@@ -444,3 +444,25 @@ def test_trainer_other_photo_pairs_each_target_with_the_other_photo(comfy, sd15,
         ref = ref[0].float().cpu()
         assert torch.equal(ref, other) or torch.equal(ref, torch.flip(other, dims=(-1,)))
     assert {i for x0, _ in seen for i in range(2) if torch.equal(x0[0].float().cpu(), stored[i])} == {0, 1}
+
+
+def test_a_step_without_sigmas_is_refused_instead_of_silently_plain(comfy, sd15, active_adapter):
+    """ComfyUI's samplers put the step's sigmas in transformer_options; without them the schedule's
+    window cannot be placed. The real Injector patch refuses with a typed error instead of sampling the
+    plain model (before: sigma read as infinity, outside every window, P3S silently off)."""
+    errors = comfy.core("errors")
+    patch = _patch_of(comfy, _inject(comfy, sd15, active_adapter))
+    calls = []
+
+    def executor(*args, **kw):
+        calls.append(args)
+        return args[0]
+
+    x, t, ctx = torch.zeros(1, 4, 8, 8), torch.tensor([500.0]), torch.zeros(1, 77, 768)
+    with pytest.raises(errors.ModelMismatchError, match="no sigmas") as err:
+        patch.diffusion_wrapper(executor, x, t, ctx, None, None, {"cond_or_uncond": [0]})
+    assert "Fix:" in str(err.value) and calls == []
+    ms = sd15.model.get_model_object("model_sampling")
+    patch.diffusion_wrapper(executor, x, t, ctx, None, None,
+                            {"cond_or_uncond": [0], "sigmas": ms.sigma(t)})
+    assert len(calls) == 1 and patch.key in calls[0][-1]  # with sigmas the step is injected
