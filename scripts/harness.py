@@ -205,17 +205,36 @@ def stale_servers() -> list[int]:
     return found
 
 
+def _signal_same_process(pid: int, ticks: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` only while it is still the process that started at ``ticks`` (a pid freed
+    and reused by another process in between is left alone: pidfd where the kernel has it)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    try:
+        if _start_ticks(pid) != ticks:
+            return
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def reap_stale_servers(timeout: float = 10.0) -> list[int]:
     """Stop the stale servers of this harness (see ``stale_servers``): SIGTERM, then SIGKILL."""
     pids = stale_servers()
+    started = {pid: _start_ticks(pid) for pid in pids}
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        for pid, ticks in started.items():
+            _signal_same_process(pid, ticks, sig)
         deadline = time.time() + timeout
-        while time.time() < deadline and any(_start_ticks(pid) is not None for pid in pids):
+        while time.time() < deadline and any(_start_ticks(pid) == t for pid, t in started.items()):
             time.sleep(0.1)
     if pids:
         print(f"[p3s-harness] stopped {len(pids)} stale ComfyUI server process(es) of this harness: {pids}",
