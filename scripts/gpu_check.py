@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -67,10 +66,7 @@ def start_server(base: Path, dynamic: bool, extra: list[str]) -> harness.ComfySe
     cmd = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(srv.port),
            "--disable-auto-launch", "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
            *([] if dynamic else ["--disable-dynamic-vram"]), *extra]
-    log = open(srv.log_path, "wb")
-    srv.proc = subprocess.Popen(cmd, cwd=harness.comfyui_dir(), stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-    log.close()
+    srv.proc = harness.popen_server(cmd, srv.log_path)  # own group, dies with this script
     deadline = time.time() + 300
     while time.time() < deadline:
         if srv.proc.poll() is not None:
