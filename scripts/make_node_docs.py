@@ -67,11 +67,15 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+#: a COMBO of these is a list of the user's files, different on every machine
+MODEL_FILES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 def _default(t, opts) -> str:
     if "default" in opts:
         return f"`{opts['default']!r}`" if isinstance(opts["default"], str) else f"`{opts['default']}`"
-    if isinstance(t, (list, tuple)) and t:
-        return f"`{t[0]}`"
+    if isinstance(t, (list, tuple)) and t and not any(str(x).endswith(MODEL_FILES) for x in t):
+        return f"`{t[0]}`"  # a fixed list of choices; a list of files (what the models folder holds) has none
     return ""
 
 
