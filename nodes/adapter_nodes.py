@@ -86,6 +86,7 @@ def resolve_adapter(name: str) -> str:
 class P3SAdapterLoader:
     DESCRIPTION = "Loads a P3S adapter (safetensors) from models/p3s, checking that it was made for SD1.5 by a compatible P3S version."
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["load adapter", "subject", "personalize", "dreambooth"]  # the words users type in the node search
     FUNCTION = "load"
     RETURN_TYPES = (ADAPTER,)
     OUTPUT_TOOLTIPS = ("The adapter, for the P3S Condition Injector or to resume training.",)
@@ -109,6 +110,7 @@ class P3SAdapterLoader:
 class P3SAdapterSave:
     DESCRIPTION = "Saves a P3S adapter to models/p3s as safetensors (atomically: a crash never leaves a half-written file)."
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["save adapter", "subject"]  # the words users type in the node search
     FUNCTION = "save"
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("adapter_name",)

@@ -21,6 +21,8 @@ MIN_IMAGE_SIDE = 14
 #: reference photos): above these the per-pixel work (fill, previews, encoding) would explode.
 MAX_IMAGE_SIDE = 8192
 MAX_BATCH = 64
+#: How far an IMAGE value may stray outside 0..1 (float rounding) before the image is refused.
+IMAGE_VALUE_MARGIN = 1e-3
 #: Longest text a P3S text input takes (a prompt is at most a few hundred characters).
 MAX_TEXT_CHARS = 10_000
 
@@ -33,7 +35,7 @@ class SettingError(P3SError):
 
 
 def check_image_batch(image, input_name: str = "image"):
-    """A ComfyUI IMAGE batch: a float tensor [B,H,W,3], B >= 1, at least one CLIP patch, finite.
+    """A ComfyUI IMAGE batch: a float tensor [B,H,W,3], B >= 1, at least one CLIP patch, finite, in 0..1.
 
     Returns the shape ``(B, H, W, 3)``. Decision: RGBA and grayscale are refused with the fix, not
     silently converted: the alpha channel of a cut-out subject usually matters to the user, and
@@ -79,7 +81,32 @@ def check_image_batch(image, input_name: str = "image"):
     if not bool(torch.isfinite(image).all()):
         raise ImageInputError(input_name, "the images contain NaN or infinite values",
                               "check the node that produced them (e.g. a VAE Decode that overflowed in fp16; try --fp32-vae)")
+    check_image_values(image, input_name)
     return shape
+
+
+def check_image_values(image, input_name: str = "image") -> None:
+    """ComfyUI IMAGE values are floats in 0..1: refuse anything outside (beyond IMAGE_VALUE_MARGIN).
+
+    Decision: refused, never clamped or rescaled silently. 0..255 floats (some loaders give them)
+    would otherwise be clipped to a white image, -1..1 values to a dark one, and the subject learnt
+    or injected from that. The fix names the likely cause from the range seen.
+    """
+    lo, hi = (float(v) for v in image.aminmax())
+    if lo >= -IMAGE_VALUE_MARGIN and hi <= 1.0 + IMAGE_VALUE_MARGIN:
+        return
+    span = f"the pixel values span {lo:.4g}..{hi:.4g}, outside 0..1 (ComfyUI IMAGEs are floats in 0..1)"
+    if lo >= -IMAGE_VALUE_MARGIN and 2.0 < hi <= 255.0 + IMAGE_VALUE_MARGIN:
+        fix = ("divide the values by 255 (they look like 8-bit 0..255 values: the node that made them did not "
+               "scale them; Load Image gives 0..1)")
+    elif -1.0 - IMAGE_VALUE_MARGIN <= lo < -0.5 and hi <= 1.0 + IMAGE_VALUE_MARGIN:
+        fix = "map them to 0..1 with (x + 1) / 2 (they look like -1..1 values)"
+    elif -0.5 <= lo and hi <= 1.5:
+        fix = ("keep them in 0..1: 'Upscale Image' with 'bicubic' overshoots at sharp edges, so pick 'bilinear', "
+               "'area' or 'lanczos' there (or clamp the values to 0..1)")
+    else:
+        fix = "scale the values into 0..1 (divide 0..255 values by 255, map -1..1 values with (x + 1) / 2)"
+    raise ImageInputError(input_name, span, fix)
 
 
 def check_text(value, input_name: str, max_chars: int = MAX_TEXT_CHARS, fix: str | None = None) -> str:

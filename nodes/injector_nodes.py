@@ -19,6 +19,7 @@ class P3SConditionInjector:
         "model): stack two injectors with two regions for two subjects in one image."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["subject", "personalize", "dreambooth", "subject driven", "inject subject", "apply subject", "reference"]  # the words users type in the node search
     FUNCTION = "inject"
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The MODEL with the subject injected (a patched clone).",)
@@ -31,18 +32,18 @@ class P3SConditionInjector:
                 "adapter": (ADAPTER, {"tooltip": "The P3S adapter: from P3S Adapter Loader or P3S Trainer. It carries the cleaned reference(s) it was trained on."}),
                 "lam": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 2.0, "step": 0.01, "tooltip": "lambda of Eq. 7: how much of the subject feature is added to the values (paper: 0.2)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.01, "tooltip": "Overall weight. 0 = the plain model, bit for bit."}),
-                "apply_to": (APPLY_TO, {"default": "cond and uncond", "tooltip": "Which half of the CFG batch receives the subject. 'cond only' strengthens the subject through CFG."}),
+                "apply_to": (APPLY_TO, {"advanced": True, "default": "cond and uncond", "tooltip": "Which half of the CFG batch receives the subject. 'cond only' strengthens the subject through CFG."}),
             },
             "optional": {
                 "schedule": (SCHEDULE, {"tooltip": "Weight over the steps (P3S Timestep Weight Scheduler). Without it: the paper's Eq. 10 curve."}),
                 "reference": ("IMAGE", {"tooltip": "Optional: cleaned reference photo(s) I' (P3S RNGR Mask + Inpaint) to use instead of the ones stored in the adapter. Needs vae and clip_vision."}),
                 "vae": ("VAE", {"tooltip": "Only with 'reference': the checkpoint's VAE, to encode it (I'_latent, Eq. 4)."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "Only with 'reference': CLIP ViT-L/14 vision (clip-vit-large-patch14); its last hidden state is c_s of Eq. 5."}),
-                "reference_index": ("INT", {"default": 0, "min": 0, "max": 63, "tooltip": "Which reference feeds the copy (0 = the first), as in training, where each photo was its own reference. Several references are never averaged into one latent."}),
-                "reference_mode": (list(REFERENCE_MODES), {"default": REFERENCE_MODES[0], "tooltip": "'one reference': the reference at reference_index. 'average copy features': the copy runs once per reference and its features are averaged (N times the copy's cost per step)."}),
+                "reference_index": ("INT", {"advanced": True, "default": 0, "min": 0, "max": 63, "tooltip": "Which reference feeds the copy (0 = the first), as in training, where each photo was its own reference. Several references are never averaged into one latent."}),
+                "reference_mode": (list(REFERENCE_MODES), {"advanced": True, "default": REFERENCE_MODES[0], "tooltip": "'one reference': the reference at reference_index. 'average copy features': the copy runs once per reference and its features are averaged (N times the copy's cost per step)."}),
                 "region": ("MASK", {"tooltip": "Where in the image this subject goes (1 = inside). Tokens outside attend exactly as in the plain model; any size (stretched to the image). From P3S Region, Solid Mask, Mask Composite or Load Image's MASK. Not connected: everywhere; an all-zero mask: the plain model."}),
-                "feather": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Soft edge of the region, as a fraction of the mask's shorter side (0 = hard edge). Only used with a region."}),
-                "level0_keys": (list(LEVEL0_KEYS), {"default": LEVEL0_KEYS[0], "tooltip": "Speed/accuracy (not in the paper). 'all (exact)': Eq. 7 as written. 'pooled 2x2 (faster)': in the 5 highest-resolution self-attention layers the subject's extra keys are averaged over 2x2 tokens (a quarter as many), which removes three quarters of their extra attention cost (at 512 px about 1.22x a plain step instead of 1.33x on the benchmark CPU) and moves the result by about an eighth of P3S's own effect; not used beside HyperTile, ToMe or a second injector. The README gives the measurements."}),
+                "feather": ("FLOAT", {"advanced": True, "default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Soft edge of the region, as a fraction of the mask's shorter side (0 = hard edge). Only used with a region."}),
+                "level0_keys": (list(LEVEL0_KEYS), {"advanced": True, "default": LEVEL0_KEYS[0], "tooltip": "Speed/accuracy (not in the paper). 'all (exact)': Eq. 7 as written. 'pooled 2x2 (faster)': in the 5 highest-resolution self-attention layers the subject's extra keys are averaged over 2x2 tokens (a quarter as many), which removes three quarters of their extra attention cost (at 512 px about 1.22x a plain step instead of 1.33x on the benchmark CPU) and moves the result by about an eighth of P3S's own effect; not used beside HyperTile, ToMe or a second injector. The README gives the measurements."}),
             },
         }
 

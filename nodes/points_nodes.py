@@ -15,6 +15,7 @@ class P3SPointSelector:
         "SAM2-style strings."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["points", "click points", "point editor", "sam", "sam points", "select subject", "coordinates", "subject"]  # the words users type in the node search
     FUNCTION = "select"
     RETURN_TYPES = (POINTS, "STRING", "STRING", "IMAGE")
     RETURN_NAMES = ("points", "positive_coords", "negative_coords", "preview")

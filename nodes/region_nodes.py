@@ -14,6 +14,7 @@ class P3SRegion:
         "the optional image (green = inside)."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["mask", "region", "area", "two subjects", "regional subject"]  # the words users type in the node search
     FUNCTION = "make"
     RETURN_TYPES = ("MASK", "IMAGE")
     RETURN_NAMES = ("region", "preview")

@@ -17,6 +17,7 @@ class P3SRNGRMaskInpaint:
         "MASK to inpaint with a real inpainting checkpoint instead."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["mask", "subject mask", "sam", "segment subject", "remove distractor", "inpaint", "clean reference", "subject"]  # the words users type in the node search
     FUNCTION = "run"
     RETURN_TYPES = ("IMAGE", "MASK", "MASK", "IMAGE")
     RETURN_NAMES = ("cleaned_image", "subject_mask", "removed_mask", "preview")
@@ -37,7 +38,7 @@ class P3SRNGRMaskInpaint:
                 "sigma": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 4.0, "step": 0.05, "tooltip": "Gaussian smoothing of the similarity map (Eq. 2), in CLIP patches. Lower keeps small subjects sharper."}),
                 "fill": (FILLS, {"default": "biharmonic", "tooltip": "How the removed region is filled (Eq. 3). 'none' leaves the photo as is (inpaint downstream with the MASK)."}),
                 "remove": (REMOVE, {"default": "distractor", "tooltip": "What is removed: the distractor (from the negative points), everything but the subject, or both."}),
-                "grow": ("INT", {"default": 4, "min": 0, "max": 128, "step": 1, "tooltip": "Grow the masks by this many pixels (covers the distractor's edges)."}),
+                "grow": ("INT", {"advanced": True, "default": 4, "min": 0, "max": 128, "step": 1, "tooltip": "Grow the masks by this many pixels (covers the distractor's edges)."}),
             },
         }
 

@@ -14,6 +14,7 @@ class P3STimestepWeightScheduler:
         "start/end limit the injection to a window of the denoising, like IPAdapter's start_at/end_at."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["schedule", "timestep weight", "weight curve", "subject strength"]  # the words users type in the node search
     FUNCTION = "build"
     RETURN_TYPES = (SCHEDULE, "IMAGE")
     RETURN_NAMES = ("schedule", "curve_plot")
@@ -32,10 +33,10 @@ class P3STimestepWeightScheduler:
                 "high": ("FLOAT", {"default": 1.2, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Largest weight of the quadratic curves."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Inject from this point of the denoising (0 = first step)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Stop injecting at this point of the denoising (1 = last step)."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Multiplies the whole curve. 0 turns the injection off (the plain model, bit for bit)."}),
+                "strength": ("FLOAT", {"advanced": True, "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Multiplies the whole curve. 0 turns the injection off (the plain model, bit for bit)."}),
             },
             "optional": {
-                "custom_values": ("STRING", {"default": "", "multiline": False, "tooltip": "Mode 'custom': comma-separated weights spread evenly from the first to the last step, e.g. '0.4, 0.8, 1.2'."}),
+                "custom_values": ("STRING", {"advanced": True, "default": "", "multiline": False, "tooltip": "Mode 'custom': comma-separated weights spread evenly from the first to the last step, e.g. '0.4, 0.8, 1.2'."}),
             },
         }
 

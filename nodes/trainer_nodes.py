@@ -48,6 +48,7 @@ class P3STrainer:
         "loss (L_LDM and gamma*L_ac shown apart); the cleaned photos are stored in the adapter as its default reference. Cancel stops it and keeps the last completed save. Connect resume_adapter to continue training."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES = ["train", "dreambooth", "personalize", "fine-tune", "subject training", "train subject", "subject"]  # the words users type in the node search
     FUNCTION = "train"
     OUTPUT_NODE = True
     RETURN_TYPES = (ADAPTER, "STRING", "IMAGE")
@@ -77,15 +78,15 @@ class P3STrainer:
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "The photos are resized so their short side is this (SD1.5: 512)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Seed of the initialisation, the order, the dropout and the noise: same seed, same adapter."}),
                 "save_name": ("STRING", {"default": "p3s_subject", "tooltip": "File name in models/p3s ('.safetensors' is added). An existing file of that name is replaced."}),
-                "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save every N steps (the same file, atomically), so a cancelled run keeps its progress. 0 = only at the end."}),
+                "save_every": ("INT", {"advanced": True, "default": 0, "min": 0, "max": 100000, "tooltip": "Also save every N steps (the same file, atomically), so a cancelled run keeps its progress. 0 = only at the end."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional subject mask(s) (one per photo or one for all): the denoising loss counts the background at 0.1x, so the subject drives training."}),
                 "resume_adapter": (ADAPTER, {"tooltip": "Continue training this adapter (its step count continues) instead of starting from the base model."}),
-                "gradient_checkpointing": (list(CHECKPOINTING_CHOICES), {"default": "auto", "tooltip": "Recompute the frozen UNet's blocks in the backward pass: less memory, slower steps. 'auto' (default): on where it pays (on a GPU always; on the CPU from resolution 256), off otherwise. Workflows saved with true/false still run (true = on, false = off)."}),
-                "ac_reading": (["mass", "literal"], {"default": "mass", "tooltip": "Normalisation of L_ac (Eq. 11-12). 'mass' (default): summed squared difference over the mean map mass, the mean per-query distance between the two attention maps, so gamma*L_ac actually steers training. 'literal': the equation as printed (MSE / mass, about 1e-9: no effect)."}),
-                "reference_pairing": (["self", "other photo"], {"default": "self", "tooltip": "Which reference I' each training step sees. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose."}),
-                "reproducible": ("BOOLEAN", {"default": True, "tooltip": "On the CPU: train on one thread, so the same seed writes the same adapter file byte for byte (with several threads the backward pass differs in the last bits from run to run). Costs step time on multi-core CPUs (see the README). No effect on GPUs."}),
+                "gradient_checkpointing": (list(CHECKPOINTING_CHOICES), {"advanced": True, "default": "auto", "tooltip": "Recompute the frozen UNet's blocks in the backward pass: less memory, slower steps. 'auto' (default): on where it pays (on a GPU always; on the CPU from resolution 256), off otherwise. Workflows saved with true/false still run (true = on, false = off)."}),
+                "ac_reading": (["mass", "literal"], {"advanced": True, "default": "mass", "tooltip": "Normalisation of L_ac (Eq. 11-12). 'mass' (default): summed squared difference over the mean map mass, the mean per-query distance between the two attention maps, so gamma*L_ac actually steers training. 'literal': the equation as printed (MSE / mass, about 1e-9: no effect)."}),
+                "reference_pairing": (["self", "other photo"], {"advanced": True, "default": "self", "tooltip": "Which reference I' each training step sees. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose."}),
+                "reproducible": ("BOOLEAN", {"advanced": True, "default": True, "tooltip": "On the CPU: train on one thread, so the same seed writes the same adapter file byte for byte (with several threads the backward pass differs in the last bits from run to run). Costs step time on multi-core CPUs (see the README). No effect on GPUs."}),
             },
         }
 
@@ -159,7 +160,12 @@ class P3STrainer:
         text = (f"{name}: {result.steps} steps, last loss {result.losses[-1]:.5f} = L_LDM "
                 f"{result.ldm_losses[-1]:.5f} + gamma*L_ac {result.weighted_ac_losses[-1]:.5f}"
                 if result.losses else name)
-        used = (adapter.training_info or {}).get("gradient_checkpointing")
+        info = adapter.training_info or {}
+        if info.get("precision"):
+            text += f"; precision {info['precision']}"
+            if info.get("skipped_steps"):
+                text += f" ({info['skipped_steps']} steps skipped by loss scaling)"
+        used = info.get("gradient_checkpointing")
         if used is not None:
             text += f"; gradient checkpointing {'on' if used else 'off'}" + (" (auto)" if checkpointing is None else "")
         return {"ui": {"text": [text]}, "result": (adapter, name, plot)}

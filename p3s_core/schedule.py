@@ -235,18 +235,17 @@ class P3SSchedule:
         return eps * s
 
     def in_window(self, progress: float) -> bool:
-        """True where the denoising ``progress`` lies in ``[start_percent, end_percent)``.
+        """True where the denoising ``progress`` lies in ``[start_percent, end_percent]``.
 
-        Decision: the window is half-open (a step exactly on end_percent is off), except that
-        ``end_percent == 1`` also includes the very last step (progress 1), so the default window
-        covers every step. Both edges are moved down by ``1e-9`` so a progress that went through
-        ``1 - (1 - p)`` rounding still lands on the side of the boundary it was meant for.
+        One definition everywhere: the window is closed at both ends, as sampling switches a step on
+        in both engines (ComfyUI: ``sigma_end <= sigma <= sigma_start``, the ControlNet idiom; diffusers:
+        ``(1 - end) T <= t <= (1 - start) T``), as the scheduler's plot and :meth:`weight_at` read it.
+        Both edges are widened by ``1e-9`` so a progress that went through ``1 - (1 - p)`` rounding
+        still counts as on the edge.
         """
         p = _unit_interval("progress", progress)
         start, end = float(self.start_percent), float(self.end_percent)
-        if p < start - _BOUNDARY_SLACK:
-            return False
-        return p < end - _BOUNDARY_SLACK or end >= 1.0
+        return start - _BOUNDARY_SLACK <= p <= end + _BOUNDARY_SLACK
 
     def weight_at(self, t_over_T: float, progress: float | None = None) -> float:
         """``eps_t`` inside the window, exactly ``0.0`` outside (Eq. 9 with a start/end window).

@@ -48,6 +48,7 @@ import torch
 
 from .errors import TrainingConfigError, TrainingDivergedError
 from .losses import total_loss
+from .precision import GradientWatch, TrainingPrecision
 
 __all__ = [
     "AC_LAYERS",
@@ -238,6 +239,8 @@ class TrainResult:
     ac_losses: list[float] = field(default_factory=list)
     dropped: int = 0
     gamma: float = 0.0
+    precision: str = "fp32"    # TrainingPrecision.describe() of the run
+    skipped_steps: int = 0     # steps the loss scaler skipped (scaled gradients overflowed)
 
     @property
     def weighted_ac_losses(self) -> list[float]:
@@ -299,7 +302,8 @@ def _finite_grads(params: Sequence[torch.Tensor]) -> bool:
 def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_fn: StepFn,
                   settings: TrainSettings, on_step: OnStep | None = None, start_step: int = 0,
                   device: torch.device | str | None = None,
-                  on_parts: Callable[[float, float], None] | None = None) -> TrainResult:
+                  on_parts: Callable[[float, float], None] | None = None,
+                  precision: TrainingPrecision | None = None) -> TrainResult:
     """Train ``adapter`` in place for ``settings.epochs`` epochs over ``batches`` (Eq. 15).
 
     ``step_fn(adapter, x0, context, clip_hidden, generator[, mask=...]) -> (l_ldm, l_ac)`` runs one
@@ -312,8 +316,12 @@ def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_
     normal ones, so batches made under ``torch.inference_mode()`` work). ``on_parts(l_ldm,
     gamma_l_ac)`` is called before ``on_step`` with the step's two loss parts. With
     ``settings.reference_pairing == "other photo"`` and two or more batches, ``step_fn`` also gets
-    ``ref_latent`` / ``ref_clip_hidden`` of another photo (flipped at random). Returns a :class:`TrainResult`; the
-    adapter is left in eval mode with ``requires_grad`` off.
+    ``ref_latent`` / ``ref_clip_hidden`` of another photo (flipped at random). ``precision``
+    (:mod:`p3s_core.precision`; fp32 when None): with loss scaling the backward runs on the scaled
+    loss and a step whose gradients overflow is skipped and counted (``TrainResult.skipped_steps``);
+    gradients that stay all zero for several steps stop the run (:class:`~p3s_core.precision.GradientWatch`).
+    The step function runs its forward in ``precision.autocast()`` itself. Returns a :class:`TrainResult`;
+    the adapter is left in eval mode with ``requires_grad`` off.
     """
     settings.validate()
     if not batches:
@@ -323,7 +331,8 @@ def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_
         raise TrainingConfigError("start_step", f"{start_step!r} is not a whole number >= 0",
                                   "resume from an adapter saved by the P3S Trainer")
     with torch.inference_mode(False), torch.enable_grad():
-        return _train(adapter, list(batches), step_fn, settings, on_step, start_step, device, on_parts)
+        return _train(adapter, list(batches), step_fn, settings, on_step, start_step, device, on_parts,
+                      precision or TrainingPrecision())
 
 
 def _to(t, device):
@@ -355,7 +364,7 @@ def _other_reference(batches, idx: int, generator: torch.Generator) -> dict:
             "ref_clip_hidden": batches[j].clip_hidden}
 
 
-def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_parts=None) -> TrainResult:
+def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_parts, precision) -> TrainResult:
     batches = [_prepare(b, device) for b in batches]
     params = trainable_parameters(adapter)
     for p in params:
@@ -365,7 +374,9 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_
     generator = torch.Generator().manual_seed(_generator_seed(settings.seed, start_step))
     n = len(batches)
     total = start_step + settings.epochs * n
-    result = TrainResult(steps=start_step, gamma=float(settings.gamma))
+    result = TrainResult(steps=start_step, gamma=float(settings.gamma), precision=precision.describe())
+    scaler = precision.grad_scaler()
+    watch = GradientWatch()
     pair_other = settings.reference_pairing == "other photo" and n >= 2
     step = start_step
     try:
@@ -388,13 +399,23 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_
                         f"{float(torch.as_tensor(l_ac).detach()):.4g}); the weights of the "
                         "last good step are kept", "lower the learning rate (paper: 1e-5) or gamma")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if not _finite_grads(params):
-                    raise TrainingDivergedError(
-                        "learning_rate", f"the gradients became non-finite at step {step + 1}; the "
-                        "weights of the last good step are kept",
-                        "lower the learning rate (paper: 1e-5) or use full precision")
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    if not _finite_grads(params):
+                        raise TrainingDivergedError(
+                            "learning_rate", f"the gradients became non-finite at step {step + 1}; the "
+                            "weights of the last good step are kept",
+                            "lower the learning rate (paper: 1e-5) or use full precision")
+                    watch.check(params, step + 1, precision)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)  # true gradients (inf where the scaled ones overflowed)
+                    watch.check(params, step + 1, precision)
+                    scale = scaler.get_scale()
+                    scaler.step(optimizer)  # skipped when a gradient is not finite
+                    scaler.update()
+                    result.skipped_steps += int(scaler.get_scale() < scale)
                 step += 1
                 result.steps = step
                 result.losses.append(value)

@@ -5,6 +5,7 @@ Standard library only, so it works before and outside the venv's extras.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -126,6 +127,131 @@ def boot_in_process(base: Path, cpu: bool = True):
     return nodes, sys.modules[pack_path.replace(".", "_x_")]
 
 
+# --- server processes: never left behind ----------------------------------------------------------
+# Every ComfyUI server this harness starts (tests, scripts/run.py, scripts/gpu_check.py) runs in its own
+# process group (its own session), gets SIGKILL from the kernel when the process that started it dies
+# (Linux prctl PR_SET_PDEATHSIG, even when that process is SIGKILLed), and carries SERVER_MARK in its
+# environment: "<owner pid>:<owner start time>". A server whose owner is gone is stale: the next start
+# kills it (reap_stale_servers). Only processes of this user that carry the mark are ever looked at, and
+# only those whose owner (pid and start time, so a reused pid does not count) no longer runs are killed,
+# so other users' ComfyUIs and servers of test runs still going are never touched.
+SERVER_MARK = "P3S_HARNESS_SERVER"
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` (clock ticks after boot, /proc/PID/stat field 22); None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    if fields[0] == "Z":  # a zombie has finished: only its exit status is left
+        return None
+    return int(fields[19])
+
+
+def owner_token(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{pid}:{_start_ticks(pid)}"
+
+
+def _owner_alive(token: str) -> bool:
+    pid, _, ticks = token.partition(":")
+    try:
+        return _start_ticks(int(pid)) == int(ticks)
+    except ValueError:  # not a token this harness wrote: leave the process alone
+        return True
+
+
+def die_with_parent(sig: int = signal.SIGKILL):
+    """A ``preexec_fn``: the child gets ``sig`` when the thread that started it ends (Linux only).
+
+    Call ``Popen`` from the main thread (the kernel watches the forking thread, not the process)."""
+    if _LIBC is None:
+        return None
+    parent = os.getpid()
+
+    def preexec():
+        if _LIBC.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(127)
+
+    return preexec
+
+
+def stale_servers() -> list[int]:
+    """PIDs of this user's processes that carry SERVER_MARK and whose owner no longer runs."""
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    uid = os.getuid()
+    mark = SERVER_MARK.encode() + b"="
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        token = next((v[len(mark):].decode(errors="replace") for v in env.split(b"\0") if v.startswith(mark)), None)
+        if token is not None and _start_ticks(int(entry.name)) is not None and not _owner_alive(token):
+            found.append(int(entry.name))
+    return found
+
+
+def _signal_same_process(pid: int, ticks: int, sig: int) -> None:
+    """Send ``sig`` to ``pid`` only while it is still the process that started at ``ticks`` (a pid freed
+    and reused by another process in between is left alone: pidfd where the kernel has it)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    try:
+        if _start_ticks(pid) != ticks:
+            return
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def reap_stale_servers(timeout: float = 10.0) -> list[int]:
+    """Stop the stale servers of this harness (see ``stale_servers``): SIGTERM, then SIGKILL."""
+    pids = stale_servers()
+    started = {pid: _start_ticks(pid) for pid in pids}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, ticks in started.items():
+            _signal_same_process(pid, ticks, sig)
+        deadline = time.time() + timeout
+        while time.time() < deadline and any(_start_ticks(pid) == t for pid, t in started.items()):
+            time.sleep(0.1)
+    if pids:
+        print(f"[p3s-harness] stopped {len(pids)} stale ComfyUI server process(es) of this harness: {pids}",
+              file=sys.stderr)
+    return pids
+
+
+def popen_server(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    """Start a ComfyUI server process the harness way (stale ones reaped first; see SERVER_MARK)."""
+    reap_stale_servers()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[SERVER_MARK] = owner_token()
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=die_with_parent())
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -134,7 +260,8 @@ def free_port() -> int:
 
 @dataclass
 class ComfyServer:
-    """The real ComfyUI server (``main.py --cpu``) on 127.0.0.1, stopped by PID."""
+    """The real ComfyUI server (``main.py --cpu``) on 127.0.0.1, stopped by PID (and by the kernel
+    when the process that started it dies: see ``popen_server``)."""
 
     base: Path
     port: int = 0
@@ -154,11 +281,7 @@ class ComfyServer:
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
-        log = open(self.log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
-        log.close()
+        self.proc = popen_server(cmd, self.log_path)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

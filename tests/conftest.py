@@ -40,6 +40,26 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, kind))
 
 
+def pytest_collection_finish(session):
+    """Refuse a session that would hold the in-process ComfyUI's models and a server's at once.
+
+    ``scripts/test.sh`` runs any selection in two sessions (tests not marked server/browser, then those);
+    a direct ``pytest`` call that mixes them would need memory for two SD1.5s (about 7 GB each) and,
+    on a 24 GB machine, be killed. Fast tests (not slow) mix with either. P3S_ONE_SESSION=1 allows it
+    (a machine with memory to spare)."""
+    if session.config.option.collectonly or os.environ.get("P3S_ONE_SESSION") == "1":
+        return
+    served = [i for i in session.items if i.get_closest_marker("server") or i.get_closest_marker("browser")]
+    served_ids = {i.nodeid for i in served}
+    heavy = [i for i in session.items if i.get_closest_marker("slow") and i.nodeid not in served_ids]
+    if served and heavy:
+        raise pytest.UsageError(
+            f"this selection holds {len(heavy)} in-process ComfyUI test(s) (e.g. {heavy[0].nodeid}) and "
+            f"{len(served)} server/browser test(s) (e.g. {served[0].nodeid}) in one session: both SD1.5s would "
+            "be in memory at once. Run it through scripts/test.sh (two sessions), or add -m \"not server and "
+            "not browser\" / -m \"server or browser\" (P3S_ONE_SESSION=1 allows one session).")
+
+
 class InProcessComfy(SimpleNamespace):
     def node(self, name: str):
         return self.nodes.NODE_CLASS_MAPPINGS[name]

@@ -74,6 +74,7 @@ def cmd_generate(args) -> int:
 
     from .. import diffusers_engine as db
     from ..adapter import load_adapter
+    from ..encoder import check_reference_index, fit_reference
 
     prompts = list(args.prompt or [])
     if args.dreambench:
@@ -93,14 +94,12 @@ def cmd_generate(args) -> int:
                             dtype=pick_dtype(args.dtype), device=dev)
     clip = load_clip_vision(args.clip_vision, dev)
     adapter.to(dev)
-    i2s = []  # I'' of every reference photo (Eq. 4-5), brought to the first one's size
-    for p in refs:
-        i2 = db.encode_reference(pipe.vae, clip, torch.from_numpy(resize_short_side(read_rgb(p), args.size))[None], adapter)
-        if i2s and i2.shape[-2:] != i2s[0].shape[-2:]:
-            i2 = torch.nn.functional.interpolate(i2, size=tuple(i2s[0].shape[-2:]), mode="bilinear",
-                                                 align_corners=False)
-        i2s.append(i2)
-    i2 = torch.cat(i2s)
+    check_reference_index(args.reference_index, len(refs), "--reference-index")
+    # I'' of every reference photo (Eq. 4-5), each fitted to the generated latent grid without
+    # stretching (scaled by one factor, centre cropped), as the Condition Injector fits them
+    grid = (args.size // 8, args.size // 8)
+    i2 = torch.cat([fit_reference(db.encode_reference(pipe.vae, clip, torch.from_numpy(
+        resize_short_side(read_rgb(p), args.size))[None], adapter), grid) for p in refs])
     out = Path(args.out) / args.dreambench if args.dreambench else Path(args.out)
     write_config(out, "generate", args)
     control = None
@@ -113,7 +112,8 @@ def cmd_generate(args) -> int:
     for i, prompt in enumerate(prompts):
         images = db.generate(pipe, adapter, i2, [prompt], args.negative_prompt, args.steps, args.cfg,
                              sched, args.lam, args.strength, args.apply_to, args.seed + i * 1000,
-                             args.size, args.size, args.n, control, progress=False)[0]
+                             args.size, args.size, args.n, control, progress=False,
+                             reference_index=args.reference_index, reference_mode=args.reference_mode)[0]
         (out / str(i)).mkdir(parents=True, exist_ok=True)
         for k, im in enumerate(images):
             tmp = out / str(i) / f".{k:02d}.tmp.png"

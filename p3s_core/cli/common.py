@@ -203,6 +203,7 @@ def train_one(pipe, clip, photos, prompt, settings, out_path, masks_dir=None, pr
     """Train one adapter on ``photos`` and save it atomically to ``out_path``; returns the result."""
     from .. import diffusers_engine as db
     from ..adapter import save_adapter
+    from ..precision import resolve_precision
     from ..train import train_adapter
 
     batches = prepare_training(pipe, clip, photos, prompt, settings.resolution, masks_dir)
@@ -210,7 +211,9 @@ def train_one(pipe, clip, photos, prompt, settings, out_path, masks_dir=None, pr
                                       clip_dim=int(clip.config.hidden_size), training={"steps": 0})
     device = next(pipe.unet.parameters()).device
     adapter.to(device)
-    step_fn, close = db.build_step_fn(pipe.unet, adapter, settings, dict(pipe.scheduler.config))
+    precision = resolve_precision(device, "auto", next(pipe.unet.parameters()).dtype)
+    step_fn, close = db.build_step_fn(pipe.unet, adapter, settings, dict(pipe.scheduler.config),
+                                      precision=precision)
     bar = progress_bar(total=settings.epochs * len(batches), desc=desc, unit="step", disable=not progress)
 
     def on_step(step, total, loss):
@@ -218,13 +221,16 @@ def train_one(pipe, clip, photos, prompt, settings, out_path, masks_dir=None, pr
         bar.set_postfix(loss=f"{loss:.4f}")
 
     try:
-        result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step, device=device)
+        with precision.matmul_mode():
+            result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step, device=device,
+                                   precision=precision)
     finally:
         close()
         bar.close()
     adapter.to("cpu")
     adapter.training_info = {"prompt": prompt, "images": len(batches), "settings": settings.to_dict(),
-                             "steps": result.steps, "loss": result.losses[-1], "engine": "diffusers"}
+                             "steps": result.steps, "loss": result.losses[-1], "engine": "diffusers",
+                             "precision": result.precision, "skipped_steps": int(result.skipped_steps)}
     save_adapter(adapter, out_path)
     return result
 

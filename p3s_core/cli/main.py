@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="adapter + prompts -> images (Eq. 6-10)", formatter_class=fmt)
     g.add_argument("--adapter", required=True, help="adapter .safetensors (from p3s train or the ComfyUI Trainer)")
     g.add_argument("--reference", required=True, help="folder with the cleaned reference photo(s)")
+    g.add_argument("--reference-index", type=int, default=0,
+                   help="which reference photo (0 = the first, sorted by name) the copy reads, as the "
+                   "Condition Injector's reference_index; each is fitted to the image without stretching")
+    g.add_argument("--reference-mode", default="one reference", choices=("one reference", "average copy features"),
+                   help="one reference (--reference-index), or the copy once per reference with its features averaged")
     g.add_argument("--out", required=True, help="output folder: prompts.json + <prompt index>/<k>.png")
     g.add_argument("--prompt", action="append", help="prompt (repeatable)")
     g.add_argument("--dreambench", default=None, metavar="SUBJECT", help="add the 25 DreamBench prompts of SUBJECT; output goes to OUT/SUBJECT")

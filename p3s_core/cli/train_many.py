@@ -9,8 +9,11 @@ Runs the same under ``accelerate launch`` and ``torchrun`` (both set ``RANK`` / 
   ``epochs x photos``) is skipped, so a rerun finishes what a killed process left;
 * adapters are written atomically (temporary file + rename, :func:`p3s_core.safe_io`), so a killed
   process never leaves a half file under the final name;
-* every training appends one line to ``OUT/p3s_many_log.jsonl``; at the end (after a barrier when
-  a process group exists) rank 0 writes ``OUT/summary.json``: every subject, complete or missing.
+* every training appends one line to ``OUT/p3s_many_log.jsonl``; at the end rank 0 writes
+  ``OUT/summary.json``: every subject, complete or missing. Under a launcher (a process group) each
+  rank takes its own GPU and the group is used once, at the start; completion goes through files
+  (``OUT/.p3s_ranks/``), so a rank with nothing to do never waits in a collective past NCCL's
+  timeout, and a rerun with nothing left exits 0 and still writes the summary.
 
 Determinism: every subject trains with the same ``--seed`` whatever its rank, so an adapter is
 byte-identical to a single-process run on the same device type and thread count (torchrun sets
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -99,16 +103,59 @@ def _append_log(out: Path, record: dict) -> None:
         os.close(fd)
 
 
-def _process_group(world: int):
-    """A torch.distributed group when the launcher provides one (MASTER_ADDR) and W > 1."""
+def _process_group(world: int, local: int, device: str):
+    """A torch.distributed group when the launcher provides one (MASTER_ADDR) and W > 1; on CUDA each
+    rank first takes its own device (``cuda:LOCAL_RANK``), as NCCL needs. The group is used once, at
+    the start (:func:`_run_token`): completion goes through files, so no rank waits in a collective
+    while another trains (NCCL's timeout would take the job down)."""
     if world < 2 or not os.environ.get("MASTER_ADDR"):
         return None
+    import datetime
+
     import torch
     import torch.distributed as dist
 
+    nccl = device.startswith("cuda") and torch.cuda.is_available()
+    if nccl:
+        torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("P3S_DIST_TIMEOUT_S", "600")))
+        dist.init_process_group("nccl" if nccl else "gloo", timeout=timeout)
     return dist
+
+
+def _run_token(dist, rank: int) -> str:
+    """One id shared by every rank of this launch (rank 0's, broadcast once at the start)."""
+    import uuid
+
+    box = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def _mark_done(out: Path, token: str, rank: int) -> None:
+    folder = out / ".p3s_ranks" / token
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"rank-{rank}.tmp"
+    tmp.write_text(str(rank))
+    os.replace(tmp, folder / f"rank-{rank}.done")
+
+
+def _wait_for_ranks(out: Path, token: str, world: int, poll: float = 1.0) -> None:
+    """Rank 0 waits, without a collective and without a timeout, until every rank of this launch
+    has marked its work done (a rank that dies ends the launch: the launcher stops the others)."""
+    folder = out / ".p3s_ranks" / token
+    t0 = last = time.time()
+    while True:
+        done = {p.name for p in folder.glob("rank-*.done")} if folder.is_dir() else set()
+        if len(done) >= world:
+            break
+        if time.time() - last > 60:
+            last = time.time()
+            print(f"P3S train-many: rank 0 waits for {world - len(done)} rank(s) ({time.time() - t0:.0f} s)",
+                  flush=True)
+        time.sleep(poll)
+    shutil.rmtree(out / ".p3s_ranks" / token, ignore_errors=True)
 
 
 def cmd_train_many(args) -> int:
@@ -133,13 +180,16 @@ def cmd_train_many(args) -> int:
     todo = [p for p in mine if not is_complete(out / f"{p[0].name}.safetensors", p[3])]
     print(f"P3S train-many: rank {rank}/{world}: {len(mine)} subject(s), {len(mine) - len(todo)} already complete",
           flush=True)
-    dist = _process_group(world)
+    dev = pick_device(args.device)
+    if dev == "cuda":
+        dev = f"cuda:{local}"
+    dist = _process_group(world, local, dev)
+    token = _run_token(dist, rank) if dist is not None else None
+    if dist is not None:
+        dist.destroy_process_group()  # nothing more goes through it (see _process_group)
     if todo:
         from .. import diffusers_engine as db
 
-        dev = pick_device(args.device)
-        if dev == "cuda":
-            dev = f"cuda:{local}"
         pipe = db.load_pipeline(args.model, tokenizer=args.tokenizer, dtype=pick_dtype(args.dtype), device=dev)
         clip = load_clip_vision(args.clip_vision, dev)
         for s, photos, prompt, steps in todo:
@@ -148,8 +198,10 @@ def cmd_train_many(args) -> int:
                             progress=rank == 0 or world == 1, desc=f"[rank {rank}] {s.name}")
             _append_log(out, {"subject": s.name, "rank": rank, "steps": res.steps,
                               "loss": res.losses[-1], "seconds": round(time.time() - t0, 2)})
-    if dist is not None:
-        dist.barrier()
+    if token is not None:
+        _mark_done(out, token, rank)
+        if rank == 0:
+            _wait_for_ranks(out, token, world)
     if rank == 0:
         summary = {"world_size": world, "subjects": {}}
         for s, _photos, prompt, steps in plan:
@@ -164,8 +216,6 @@ def cmd_train_many(args) -> int:
         print(f"P3S train-many: {summary['complete']}/{len(plan)} subject(s) complete"
               + (f"; missing (rerun the same command): {', '.join(summary['missing'])}" if summary["missing"] else ""),
               flush=True)
-    if dist is not None:
-        dist.destroy_process_group()
     return 0
 
 

@@ -137,6 +137,14 @@ class P3SInjectorPatch(RegionalInjection):
 
     def diffusion_wrapper(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         sigmas = transformer_options.get("sigmas")
+        if sigmas is None and self.sigma_start is not None and self.strength != 0.0:
+            # Without the step's sigma the start/end window cannot be placed: refusing beats a
+            # silently plain image (the window test would read sigma as missing = outside).
+            raise ModelMismatchError(
+                "model", "the sampler gave the UNet no sigmas (transformer_options['sigmas']), so the P3S "
+                "schedule's start/end window cannot be placed at this step",
+                "sample with ComfyUI's own KSampler / SamplerCustom nodes, or with a sampler node that "
+                "passes ComfyUI's transformer_options through")
         sigma = float(sigmas.max()) if sigmas is not None else float("inf")
         weight = self.step_weight(sigma, float(timesteps.max()))
         if weight == 0.0 or (self.region is not None and self.region.empty):

@@ -43,6 +43,9 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
     save), so a cancelled run writes nothing more and the last completed save stays. Returns
     ``(adapter, TrainResult, start_step)``; the adapter is in eval mode on the offload device.
     ``gradient_checkpointing=None`` turns it on where it pays (:func:`checkpointing_pays`).
+    ``precision`` (:data:`p3s_core.precision.PRECISIONS`): resolved for the device and the UNet's dtype
+    (:func:`p3s_core.precision.resolve_precision`); what was used is in the adapter's ``training``
+    metadata (``precision``, ``skipped_steps``) and the log.
     ``reproducible`` (default): on the CPU the steps run on one thread
     (:func:`p3s_core.train.reproducible_threads`), so the same seed writes the same adapter bytes.
     """
@@ -77,6 +80,8 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
                      "reproducible": bool(reproducible)}
         ctx = build_step_fn(model, adapter, settings, unet=unet, device=device,
                             gradient_checkpointing=gradient_checkpointing, precision=precision)
+        info_base["precision"] = ctx.precision.describe()
+        log.info("[P3S Trainer] precision: %s", info_base["precision"])
         local_total = settings.epochs * len(batches)
         every = log_every or max(1, local_total // 20)
         pbar = comfy.utils.ProgressBar(local_total)
@@ -94,9 +99,9 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
 
         saved: list[int] = []
 
-        def save(step, loss):
+        def save(step, loss, **extra):
             adapter.training_info = dict(info_base, steps=int(step), loss=float(loss),
-                                         **loss_parts(parts_ldm, parts_ac))
+                                         **loss_parts(parts_ldm, parts_ac), **extra)
             try:
                 save_adapter(adapter, save_path)  # refuses non-finite weights, writes nothing
             except AdapterFileError as exc:
@@ -126,16 +131,18 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
 
         try:
             adapter.reference = stored_reference(batches)
-            with reproducible_threads(device, reproducible):
+            with reproducible_threads(device, reproducible), ctx.precision.matmul_mode():
                 result = train_adapter(adapter, batches, step_fn, settings, on_step=on_step,
-                                       start_step=start_step, device=device, on_parts=on_parts)
+                                       start_step=start_step, device=device, on_parts=on_parts,
+                                       precision=ctx.precision)
         except TrainingDivergedError as exc:
             kept = (f"the save of step {saved[-1]} in {save_path} is kept" if saved
                     else f"nothing was saved by this run ({save_path} is unchanged)")
             raise TrainingDivergedError(exc.input_name, f"{exc.problem}; {kept}", exc.fix) from exc
         with torch.inference_mode(False):
             adapter.to(mm.unet_offload_device())
-        save(result.steps, result.losses[-1] if result.losses else float("nan"))
+        save(result.steps, result.losses[-1] if result.losses else float("nan"),
+             skipped_steps=int(result.skipped_steps))
         return adapter, result, start_step
     finally:
         if ctx is not None:

@@ -38,14 +38,13 @@ Decisions:
 * ``ac_layers="all"`` (Table IV's "whole U-Net"): every one of the 16 SD1.5 cross-attention layers
   is compared with the copy's cross-attention map of the level with the same resolution (LAYER_MAP),
   and the 16 losses are averaged.
-* On CUDA the step runs under ``torch.autocast`` in bfloat16 where supported (no autocast
-  otherwise; not exercised on this project's CPU test machines). ``gradient_checkpointing``
+* Precision (:mod:`p3s_core.precision`): bf16 autocast on GPUs that have it; fp16 autocast with
+  fp32 master weights and dynamic loss scaling on fp16-only GPUs; TF32 matmuls where available. ``gradient_checkpointing``
   recomputes the frozen UNet's blocks in the backward pass; by default (None) it is on where it
   pays (:func:`~.frozen_unet.checkpointing_pays`: on GPUs, and on the CPU from 256^2).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from ..encoder import fit_reference
 from ..errors import ModelMismatchError, TrainingConfigError
 from ..injection import token_grid
 from ..losses import attention_consistency_loss, attention_probs, copy_attention_hooks
+from ..precision import PRECISIONS, TrainingPrecision, resolve_precision
 from ..train import TrainSettings, masked_ldm_loss
 from .checks import check_eps_prediction
 from .frozen_unet import enable_gradient_checkpointing, frozen_unet_copy
@@ -65,7 +65,6 @@ from .frozen_unet import enable_gradient_checkpointing, frozen_unet_copy
 log = logging.getLogger("P3S")
 
 LAST_CROSS_ATTENTION = ("output", 11)
-PRECISIONS = ("auto", "fp32")
 
 
 class OriginalAttentionCapture:
@@ -111,6 +110,7 @@ class StepContext:
     capture: OriginalAttentionCapture
     unet: torch.nn.Module
     device: torch.device
+    precision: TrainingPrecision = field(default_factory=TrainingPrecision)
     closers: list = field(default_factory=list)
 
     def close(self):
@@ -124,19 +124,15 @@ class StepContext:
         self.capture.clear()
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=None,
-                  gradient_checkpointing: bool = False, precision: str = "auto",
+                  gradient_checkpointing: bool = False, precision: str | TrainingPrecision = "auto",
                   detach_original: bool = True) -> StepContext:
     """Set up training on a ComfyUI SD1.5 MODEL and return a :class:`StepContext` whose
     ``step_fn(adapter, x0, context, clip_hidden, generator, mask=None) -> (L_LDM, L_ac)`` is the
     loop's step (see the module docstring for what it computes). ``unet``: a frozen non-inference
-    copy of the diffusion model (made with :func:`frozen_unet_copy` when None)."""
+    copy of the diffusion model (made with :func:`frozen_unet_copy` when None). ``precision``: a
+    :data:`~p3s_core.precision.PRECISIONS` choice resolved for the device and the UNet's dtype, or a
+    resolved :class:`~p3s_core.precision.TrainingPrecision` (kept as ``StepContext.precision``)."""
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
 
@@ -145,7 +141,7 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
 
     check_sd15(model)
     check_eps_prediction(model)
-    if precision not in PRECISIONS:
+    if not isinstance(precision, TrainingPrecision) and precision not in PRECISIONS:
         raise TrainingConfigError("precision", f"{precision!r} is not one of {PRECISIONS}",
                                   "use 'auto' or 'fp32'")
     device = torch.device(device) if device is not None else mm.get_torch_device()
@@ -161,6 +157,8 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
     if unet is None:
         unet = frozen_unet_copy(model, device)
     unet_dtype = next(unet.parameters()).dtype
+    if not isinstance(precision, TrainingPrecision):
+        precision = resolve_precision(device, precision, unet_dtype)
     capture = OriginalAttentionCapture(detach=detach_original)
     copy_maps: dict[int, torch.Tensor] = {}
     copy_out: dict = {}
@@ -177,7 +175,7 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
     ms = patched.get_model_object("model_sampling")
     num_t = int(getattr(ms, "num_timesteps", len(ms.sigmas)))
     ctx = StepContext(step_fn=None, patched=patched, patch=patch, capture=capture, unet=unet,
-                      device=device)
+                      device=device, precision=precision)
     if gradient_checkpointing:
         enable_gradient_checkpointing(unet)
     if settings.ac_layers == "all":
@@ -208,7 +206,7 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
         if ref_latent is not None:  # reference_pairing "other photo": fitted to x0's grid
             ref_lat = fit_reference(ref_latent.to(device), tuple(x0.shape[-2:]))
             ref_hid = ref_clip_hidden if ref_clip_hidden is not None else clip_hidden
-        with _autocast(device, precision):
+        with precision.autocast():
             patch.i2 = adapter.encode_reference(ref_lat.to(p.device, p.dtype), ref_hid.to(p.device, p.dtype))
             opts = dict(options)
             opts["cond_or_uncond"] = [0]

@@ -115,7 +115,15 @@ class P3SDiffusersInjector:
     def __init__(self, unet, adapter, i2: torch.Tensor | None = None, schedule=None,
                  lam: float | None = None, strength: float = 1.0,
                  apply_to: str = "cond and uncond", num_train_timesteps: int = 1000,
-                 cfg_batch: bool = False, feature_hook: Callable | None = None):
+                 cfg_batch: bool = False, feature_hook: Callable | None = None,
+                 reference_index: int = 0, reference_mode: str = "one reference"):
+        from ..encoder import REFERENCE_MODES, check_reference_index
+
+        if reference_mode not in REFERENCE_MODES:
+            raise P3SError("reference_mode", f"{reference_mode!r} is not one of {REFERENCE_MODES}",
+                           "use 'one reference' (default) or 'average copy features'")
+        if i2 is not None:
+            check_reference_index(reference_index, int(i2.shape[0]))
         if apply_to not in APPLY_TO:
             raise P3SError("apply_to", f"{apply_to!r} is not one of {APPLY_TO}",
                            "use 'cond and uncond' (default) or 'cond only'")
@@ -132,6 +140,7 @@ class P3SDiffusersInjector:
         self.num_timesteps = int(num_train_timesteps)
         self.cfg_batch = cfg_batch
         self.feature_hook = feature_hook
+        self.reference_index, self.reference_mode = int(reference_index), reference_mode
         self.bank: dict | None = None
         self._saved = None
         self._handles: list = []
@@ -161,17 +170,25 @@ class P3SDiffusersInjector:
         return torch.tensor([False] * half + [True] * (batch - half))
 
     def copy_features(self, sample, timestep, context):
-        """Eq. 6 once per UNet call: the copy on ``x_t + I''`` (I'' resized and batched)."""
+        """Eq. 6 once per UNet call: the copy on ``x_t + I''``, I'' fitted to x_t's grid without
+        stretching. As the Condition Injector: ``reference_mode`` "one reference" uses reference
+        ``reference_index``; "average copy features" runs the copy once per reference and averages."""
         from ..encoder import prepare_reference
 
         p = next(self.adapter.parameters())
         dev, dt = p.device, p.dtype
-        ref = None
-        if self.i2 is not None:
-            ref = prepare_reference(self.i2.to(dev, dt), sample.shape[0], tuple(sample.shape[-2:]))
         ts = torch.as_tensor(timestep, device=dev).reshape(-1).to(dt)
-        out = self.adapter.copy(sample.to(dev, dt), ts, context.to(dev, dt), ref,
-                                return_attn_map=self.feature_hook is not None)
+        xs, cs = sample.to(dev, dt), context.to(dev, dt)
+        want_map = self.feature_hook is not None
+        if self.i2 is None:
+            out = self.adapter.copy(xs, ts, cs, None, return_attn_map=want_map)
+        else:
+            i2 = self.i2.to(dev, dt)
+            indices = [self.reference_index] if self.reference_mode == "one reference" else range(int(i2.shape[0]))
+            outs = [self.adapter.copy(xs, ts, cs, prepare_reference(i2, sample.shape[0], tuple(sample.shape[-2:]),
+                                                                    index=k), return_attn_map=want_map)
+                    for k in indices]
+            out = outs[0] if len(outs) == 1 else {key: sum(o[key] for o in outs) / len(outs) for key in outs[0]}
         if self.feature_hook is not None:
             self.feature_hook(out)
         return out

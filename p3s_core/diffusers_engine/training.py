@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Mapping
 
 import torch
@@ -9,13 +10,42 @@ import torch
 from ..copy_unet import ATTN_MAP_KEY, LAYER_MAP
 from ..errors import ModelMismatchError, TrainingConfigError
 from ..losses import copy_attention_hooks
+from ..precision import TrainingPrecision
 from .attention import CrossAttentionCapture, P3SDiffusersInjector
 from .layers import _ATTN2_KEYS, LAST_CROSS_ATTENTION
 from .loading import CONFIG_DIR
 
 
+#: the noise schedules a diffusers scheduler config can name (``beta_schedule``)
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+
+
+def training_betas(cfg: Mapping[str, Any]) -> torch.Tensor:
+    """The training noise schedule (float64 betas) a diffusers scheduler config describes:
+    ``trained_betas`` when given, else ``beta_schedule`` from ``beta_start`` to ``beta_end`` over
+    ``num_train_timesteps`` (SD1.5: scaled_linear 0.00085..0.012). The same betas diffusers' own
+    schedulers compute, so x_t matches the model's training."""
+    n_t = int(cfg.get("num_train_timesteps", 1000))
+    trained = cfg.get("trained_betas")
+    if trained is not None:
+        return torch.tensor(list(trained), dtype=torch.float64)
+    kind = cfg.get("beta_schedule", "scaled_linear")
+    start, end = float(cfg.get("beta_start", 0.00085)), float(cfg.get("beta_end", 0.012))
+    if kind == "scaled_linear":
+        return torch.linspace(start ** 0.5, end ** 0.5, n_t, dtype=torch.float64) ** 2
+    if kind == "linear":
+        return torch.linspace(start, end, n_t, dtype=torch.float64)
+    if kind == "squaredcos_cap_v2":
+        def abar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return torch.tensor([min(1 - abar((i + 1) / n_t) / abar(i / n_t), 0.999) for i in range(n_t)],
+                            dtype=torch.float64)
+    raise ModelMismatchError("model", f"the scheduler's beta_schedule {kind!r} is not one of {BETA_SCHEDULES}",
+                             "train with the SD1.5 scheduler config (scaled_linear)")
+
+
 def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] | None = None,
-                  device=None, detach_original: bool = True):
+                  device=None, detach_original: bool = True, precision=None):
     """The training step of :func:`p3s_core.train.train_adapter` on a diffusers UNet:
     ``step_fn(adapter, x0, context, clip_hidden, generator, mask=None) -> (L_LDM, L_ac)``.
 
@@ -24,8 +54,9 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
     noise`` (ComfyUI's ``calculate_input(noise_scaling(...))`` in VP form), I'' from the encoder
     (Eq. 4-5), the UNet with the P3S processors at weight 1 (Eq. 6-8), L_LDM = (masked) MSE on eps
     (Eq. 14) and L_ac (Eq. 11-13) between the copy's level-0 cross-attention map and the original
-    UNet's last cross-attention layer (``ac_layers='all'``: all 16, averaged). Returns
-    ``(step_fn, close)``."""
+    UNet's last cross-attention layer (``ac_layers='all'``: all 16, averaged). The forward runs in
+    ``precision.autocast()`` (a :class:`~p3s_core.precision.TrainingPrecision`; none when None).
+    Returns ``(step_fn, close)``."""
     from ..losses import attention_consistency_loss
     from ..train import masked_ldm_loss
 
@@ -36,12 +67,12 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
                                  "train on an eps-prediction SD1.5 model")
     del pred
     cfg = dict(scheduler_config or json.loads((CONFIG_DIR / "scheduler" / "scheduler_config.json").read_text()))
-    n_t = int(cfg.get("num_train_timesteps", 1000))
-    betas = torch.linspace(float(cfg.get("beta_start", 0.00085)) ** 0.5,
-                           float(cfg.get("beta_end", 0.012)) ** 0.5, n_t, dtype=torch.float64) ** 2
+    betas = training_betas(cfg)
+    n_t = int(betas.shape[0])
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     unet_dtype = next(unet.parameters()).dtype
+    precision = precision or TrainingPrecision()
     maps: dict[str, torch.Tensor] = {}
     copy_out: dict = {}
     level_of = {e["key"]: e["level"] for e in LAYER_MAP}
@@ -78,8 +109,9 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
         p = next(adapter.parameters())
         inj.i2 = adapter.encode_reference(x0.to(p.device, p.dtype), clip_hidden.to(p.device, p.dtype))
         try:
-            eps = unet(xt.to(unet_dtype), t.to(device),
-                       encoder_hidden_states=context.to(device, unet_dtype), return_dict=False)[0]
+            with precision.autocast():
+                eps = unet(xt.to(unet_dtype), t.to(device),
+                           encoder_hidden_states=context.to(device, unet_dtype), return_dict=False)[0]
         finally:
             inj.i2 = None
         l_ldm = masked_ldm_loss(noise, eps.float(), None if mask is None else mask.to(device), bg)

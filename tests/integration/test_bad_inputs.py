@@ -184,7 +184,21 @@ def test_positive_controls_pass_the_checks(comfy, sd15, clip_vision, tiny_adapte
     backend.check_clip_vit_l(clip_vision)
     adapter_nodes = __import__(f"{comfy.pack.__name__}.nodes.adapter_nodes", fromlist=["check_adapter"])
     assert adapter_nodes.check_adapter(tiny_adapter) is tiny_adapter
-    assert node_common(comfy).check_image_batch(images()) == (2, H, W, 3)
+    common = node_common(comfy)
+    assert common.check_image_batch(images()) == (2, H, W, 3)
+    # IMAGE values: 0 and 1 themselves, and float rounding within the margin, pass; just beyond does not
+    edge = images()
+    edge[0, 0, 0] = torch.tensor([0.0, 1.0, 1.0 + 0.5 * common.IMAGE_VALUE_MARGIN])
+    edge[1, 0, 0, 0] = -0.5 * common.IMAGE_VALUE_MARGIN
+    assert common.check_image_batch(edge) == (2, H, W, 3)
+    edge[1, 0, 0, 0] = -2 * common.IMAGE_VALUE_MARGIN
+    with pytest.raises(comfy.core("errors").ImageInputError, match="outside 0..1"):
+        common.check_image_batch(edge)
+    # the core 'Upscale Image' methods the fix of the bicubic row names stay in 0..1 (bicubic does not)
+    with torch.inference_mode():
+        for method in ("bilinear", "area", "lanczos", "nearest-exact"):
+            up = comfy.node("ImageScale")().upscale(images(2, H // 2, W // 2), method, W, H, "disabled")[0]
+            assert common.check_image_batch(up) == (2, H, W, 3), method
 
 
 # =========================================================================== P3S Point Selector
@@ -887,6 +901,59 @@ def test_trainer_choice_not_in_list(comfy, train_args, name, value):
     fix = {"ac_reading": "'mass'", "reference_pairing": "'other photo'", "gradient_checkpointing": "auto"}[name]
     with expect(comfy, "TrainingConfigError", name, fix, "is not one of"):
         train(comfy, train_args, **{name: value})
+
+
+# =========================================================================== IMAGE values outside 0..1
+# Every node with an IMAGE input refuses values outside 0..1 (beyond float rounding) before any work,
+# with a fix that fits the range seen; applying that fix gives an IMAGE the same check accepts.
+
+
+def upscaled(comfy, b, h, w, method):
+    """The real core 'Upscale Image' node (2x): bicubic overshoots 0..1 at the sharp edges of a noisy photo."""
+    with torch.inference_mode():
+        return comfy.node("ImageScale")().upscale(images(b, h // 2, w // 2, seed=5), method, w, h, "disabled")[0]
+
+
+def bicubic_overshoot(comfy, b, h, w):
+    out = upscaled(comfy, b, h, w, "bicubic")
+    assert float(out.min()) < -0.05 and float(out.max()) > 1.05, "no overshoot: the row would test nothing"
+    return out
+
+
+# case -> (make bad IMAGE, problem, fix text, make the fixed IMAGE from the bad one / the same shape)
+OUT_OF_RANGE = {
+    "0_255": (lambda comfy, b, h, w: images(b, h, w) * 255, "outside 0..1", "divide the values by 255",
+              lambda comfy, bad: bad / 255),
+    "minus1_1": (lambda comfy, b, h, w: images(b, h, w) * 2 - 1, "outside 0..1", "(x + 1) / 2",
+                 lambda comfy, bad: (bad + 1) / 2),
+    "overshoot": (bicubic_overshoot, "outside 0..1", "pick 'bilinear', 'area' or 'lanczos'",
+                  lambda comfy, bad: upscaled(comfy, bad.shape[0], bad.shape[1], bad.shape[2], "bilinear")),
+}
+# node -> (input name, IMAGE batch shape, fixtures that watch for work, call with the IMAGE)
+IMAGE_INPUTS = {
+    "point_selector": ("image", (2, H, W), ("no_temp_files",),
+                       lambda comfy, fx, img: select(comfy, img, points_store=json.dumps(STATE))),
+    "rngr": ("image", (2, H, W), ("points2", "clip_vision", "clip_must_not_run"),
+             lambda comfy, fx, img: rngr(comfy, img, fx["points2"], fx["clip_vision"])),
+    "region": ("image", (1, 64, 64), (), lambda comfy, fx, img: region_node(comfy, image=img)),
+    "injector": ("reference", (1, 64, 64), ("inject_args",),
+                 lambda comfy, fx, img: inject(comfy, fx["inject_args"], reference=img)),
+    "trainer": ("images", (2, 64, 64), ("train_args",), lambda comfy, fx, img: train(comfy, fx["train_args"], images=img)),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE))
+@pytest.mark.parametrize("node", list(IMAGE_INPUTS))
+def test_image_values_outside_0_1(comfy, request, node, case):
+    input_name, shape, watchers, call = IMAGE_INPUTS[node]
+    make, problem, fix, fixed = OUT_OF_RANGE[case]
+    fx = {name: request.getfixturevalue(name) for name in watchers}  # spies: no CLIP / VAE / temp file / save
+    bad = make(comfy, *shape)
+    with expect(comfy, "ImageInputError", input_name, fix, problem) as info:
+        call(comfy, fx, bad)
+    lo, hi = float(bad.min()), float(bad.max())
+    assert f"span {lo:.4g}..{hi:.4g}" in str(info.value)
+    assert node_common(comfy).check_image_batch(fixed(comfy, bad)) == tuple(bad.shape)  # the fix works
 
 
 def test_catalogue_lists_every_test():

@@ -147,6 +147,29 @@ def test_trainer_same_seed_same_adapter_other_seed_differs_and_file_carries_the_
     assert info["loss_gamma_ac"] > 0 and info["settings"]["ac_reading"] == "mass"
 
 
+def test_trainer_same_seed_same_bytes_over_ten_steps_with_two_photos(comfy, sd15, clip_vision):
+    """Determinism beyond one AdamW step on one photo: 2 different photos, 5 epochs = 10 steps (the
+    random photo order, timesteps, noise and condition dropout of every step), twice with one seed."""
+    folder = _folder(comfy)
+    photos = torch.cat([_photo(seed=11), _photo(seed=12)])
+    assert not torch.equal(photos[0], photos[1])
+    outs = {n: _train(comfy, sd15, clip_vision, photos, epochs=5, seed=3, save_name=n)
+            for n in ("p3s_det10_a", "p3s_det10_b")}
+    a, b = ((folder / f"{n}.safetensors").read_bytes() for n in outs)
+    assert a == b, "same seed, 10 steps, 2 photos: different adapter bytes"
+    # both report the same 10 steps and the same loss curve (the plot is drawn from every step's loss)
+    texts = [o["ui"]["text"][0].split(": ", 1)[1] for o in outs.values()]  # after the save name
+    assert texts[0] == texts[1] and texts[0].startswith("10 steps, last loss "), texts
+    plots = [o["result"][2] for o in outs.values()]
+    assert torch.equal(plots[0], plots[1])
+    with torch.inference_mode():
+        adapter = comfy.node("P3SAdapterLoader")().load("p3s_det10_a.safetensors")[0]
+    assert adapter.training_info["steps"] == 10
+    # the 10 steps moved the weights: the zero-initialised convs are no longer zero
+    moved = max(float(conv.weight.detach().abs().max()) for conv in adapter.copy.zero_convs.values())
+    assert moved > 0, "no step changed the zero convs: the comparison would be vacuous"
+
+
 def test_generation_needs_no_photo_and_a_connected_reference_overrides(comfy, sd15, clip_vision, conds,
                                                                       active_adapter):
     """Default: the stored reference (no reference, VAE, CLIP vision). Old adapters: a typed error."""
@@ -444,3 +467,25 @@ def test_trainer_other_photo_pairs_each_target_with_the_other_photo(comfy, sd15,
         ref = ref[0].float().cpu()
         assert torch.equal(ref, other) or torch.equal(ref, torch.flip(other, dims=(-1,)))
     assert {i for x0, _ in seen for i in range(2) if torch.equal(x0[0].float().cpu(), stored[i])} == {0, 1}
+
+
+def test_a_step_without_sigmas_is_refused_instead_of_silently_plain(comfy, sd15, active_adapter):
+    """ComfyUI's samplers put the step's sigmas in transformer_options; without them the schedule's
+    window cannot be placed. The real Injector patch refuses with a typed error instead of sampling the
+    plain model (before: sigma read as infinity, outside every window, P3S silently off)."""
+    errors = comfy.core("errors")
+    patch = _patch_of(comfy, _inject(comfy, sd15, active_adapter))
+    calls = []
+
+    def executor(*args, **kw):
+        calls.append(args)
+        return args[0]
+
+    x, t, ctx = torch.zeros(1, 4, 8, 8), torch.tensor([500.0]), torch.zeros(1, 77, 768)
+    with pytest.raises(errors.ModelMismatchError, match="no sigmas") as err:
+        patch.diffusion_wrapper(executor, x, t, ctx, None, None, {"cond_or_uncond": [0]})
+    assert "Fix:" in str(err.value) and calls == []
+    ms = sd15.model.get_model_object("model_sampling")
+    patch.diffusion_wrapper(executor, x, t, ctx, None, None,
+                            {"cond_or_uncond": [0], "sigmas": ms.sigma(t)})
+    assert len(calls) == 1 and patch.key in calls[0][-1]  # with sigmas the step is injected

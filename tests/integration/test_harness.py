@@ -100,7 +100,7 @@ def test_server_serves_pack_js(server):
 
 def test_pack_js_runs_in_real_frontend(page):
     page.wait_for_function("() => window.__p3s && window.__p3s.loaded === true", timeout=60_000)
-    assert page.evaluate("() => window.__p3s.version") == "0.1.0"
+    assert page.evaluate("() => window.__p3s.version") == "0.2.0"
     assert not [e for e in page.errors if "p3s" in e.lower()], page.errors
 
 

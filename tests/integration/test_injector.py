@@ -86,14 +86,59 @@ def test_active_adapter_changes_the_sample(comfy, sd15, clip_vision, active_adap
     assert (cond_only - on).abs().max() > 1e-4
 
 
+def recorded_sample(comfy, model, conds, steps, replay=None):
+    """Sample while recording every UNet call (input, sigma, output) through ComfyUI's unet function wrapper.
+
+    ``replay``: the calls of another run; call i then gets that run's input i instead of its own, so two
+    models can be compared on the very same input at every step."""
+    calls = []
+    m = model.clone()
+
+    def wrapper(apply_model, args):
+        x = args["input"] if replay is None else replay[len(calls)]["input"]
+        out = apply_model(x, args["timestep"], **args["c"])
+        calls.append({"input": x.clone(), "sigma": args["timestep"].clone(), "out": out.clone()})
+        return out
+
+    m.set_model_unet_function_wrapper(wrapper)
+    return calls, sample(comfy, m, conds, steps=steps)
+
+
 def test_schedule_window_limits_the_injection(comfy, sd15, clip_vision, active_adapter, reference, conds):
-    """Injecting only in the last half leaves the first steps as the plain model's."""
+    """Steps outside the schedule's window are the plain model's, bit for bit; steps inside are not.
+
+    A window in the middle (0.3-0.7 of 6 DDIM steps) leaves steps before and after it. Before it the
+    whole run equals plain sampling (same inputs, same outputs); after it the inputs differ (the window
+    acted), so the plain model is run on the very inputs the windowed run saw, and must give its outputs."""
     sched_mod = comfy.core("schedule")
-    late = sched_mod.P3SSchedule(start_percent=0.5, end_percent=1.0)
-    full = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference), conds)
-    part = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference, schedule=late), conds)
-    plain = sample(comfy, sd15.model, conds)
-    assert not torch.equal(part, plain) and not torch.equal(part, full)
+    start, end, steps = 0.3, 0.7, 6
+    window = sched_mod.P3SSchedule(start_percent=start, end_percent=end)
+    windowed, w_latent = recorded_sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference,
+                                                       schedule=window), conds, steps)
+    plain, p_latent = recorded_sample(comfy, sd15.model, conds, steps)
+    replayed, _ = recorded_sample(comfy, sd15.model, conds, steps, replay=windowed)
+    assert len(windowed) == len(plain) == len(replayed) >= steps
+    ms = sd15.model.get_model_object("model_sampling")
+    sigma_start, sigma_end = float(ms.percent_to_sigma(start)), float(ms.percent_to_sigma(end))
+    where = []
+    for call in windowed:
+        sigma = float(call["sigma"].max())
+        where.append("before" if sigma > sigma_start else "after" if sigma <= sigma_end else "inside")
+    assert {"before", "inside", "after"} <= set(where), where  # each kind of step is there to check
+    first_inside = where.index("inside")
+    for i, kind in enumerate(where):
+        if kind == "before":  # the run so far is plain sampling
+            assert torch.equal(windowed[i]["input"], plain[i]["input"]), i
+            assert torch.equal(windowed[i]["out"], plain[i]["out"]), i
+        elif kind == "after":  # the plain model on the same input
+            assert torch.equal(replayed[i]["input"], windowed[i]["input"]), i
+            assert torch.equal(replayed[i]["out"], windowed[i]["out"]), (i, (replayed[i]["out"] - windowed[i]["out"]).abs().max())
+            assert not torch.equal(windowed[i]["input"], plain[i]["input"]), i  # the window acted before it
+        else:  # inside: the injection changes the prediction on the same input
+            assert (replayed[i]["out"] - windowed[i]["out"]).abs().max() > 1e-4, i
+    assert torch.equal(windowed[first_inside]["input"], plain[first_inside]["input"])
+    full = sample(comfy, inject(comfy, sd15, clip_vision, active_adapter, reference), conds, steps=steps)
+    assert not torch.equal(w_latent, p_latent) and not torch.equal(w_latent, full)
 
 
 def test_two_injectors_stack_on_one_model(comfy, sd15, clip_vision, active_adapter, reference, conds):

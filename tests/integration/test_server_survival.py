@@ -236,6 +236,10 @@ def _special_image(kind: str) -> tuple[dict, list]:
                                                                 "color": 0}}}, ["wide", 0]
     if kind == "batch65":
         return _image(65)
+    if kind == "bicubic":  # the core 'Upscale Image' with bicubic overshoots 0..1 at the noise's sharp edges
+        nodes["up"] = {"class_type": "ImageScale", "inputs": {"image": ref, "upscale_method": "bicubic",
+                                                              "width": 2 * W, "height": 2 * H, "crop": "disabled"}}
+        return nodes, ["up", 0]
     raise ValueError(kind)
 
 
@@ -338,6 +342,8 @@ def _bad_names(names) -> list:
     return [(save_graph(n), None) for n in names]
 
 
+# the problem and the fix of the bicubic rows, as the server must report them
+OVERSHOOT = "outside 0..1 (ComfyUI IMAGEs are floats in 0..1). Fix: keep them in 0..1: 'Upscale Image' with 'bicubic'"
 ONLY_NEGATIVE = json.dumps({"width": W, "height": H, "images": [{"positive": [], "negative": [[120, 60]]}]})
 THREE_IMAGES = json.dumps({"width": W, "height": H, "images": [{"positive": [[1, 1]]}] * 3})
 
@@ -376,6 +382,12 @@ P3S_PROMPTS = {
                                                           "the batch has 65 images (at most 64)")],
     "`test_point_selector_bad_image[side_too_large]`": [(sel(_special_image("wide"), points_store=STATE2),
                                                          "(at most 8192 per side)")],
+    "`test_image_values_outside_0_1[point_selector-overshoot]`, `[rngr-overshoot]`, `[region-overshoot]`": [
+        (sel(_special_image("bicubic"), points_store=STATE2), OVERSHOOT),
+        (rngr_graph(_special_image("bicubic")), OVERSHOOT),
+        (region_graph(_special_image("bicubic")), OVERSHOOT)],
+    "`test_image_values_outside_0_1[injector-overshoot]`": [(injector_graph(_special_image("bicubic")), OVERSHOOT)],
+    "`test_image_values_outside_0_1[trainer-overshoot]`": [(trainer_graph(_special_image("bicubic")), OVERSHOOT)],
     "`test_rngr_images_and_points_of_different_lengths`": [(rngr_graph(_image(3)), "2 sets of points for 3 images")],
     "`test_rngr_points_not_from_point_selector`": [(rngr_graph(points='[{"x": 35, "y": 45}]'),
                                                     "expected P3S_POINTS, got a str")],

@@ -134,3 +134,31 @@ def test_killed_process_is_finished_by_a_torchrun_rerun(setup, reference):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] == len(SUBJECTS) and summary["world_size"] == 2
     _same_as_reference(out, reference)
+
+
+def test_an_idle_rank_never_waits_in_a_collective_and_a_rerun_writes_the_summary(setup, tmp_path):
+    """One subject, two ranks under torchrun (gloo): rank 1 has nothing to do and rank 0 trains for
+    longer than the process group's timeout (1 s here). Completion goes through files, so nobody
+    times out; a rerun with nothing left exits 0 and writes the summary again."""
+    root, m = setup
+    one = tmp_path / "one"
+    tiny_sd.photos(one / "solo", n=2, seed=21)
+    out = tmp_path / "out"
+    args = ["train-many", str(one), "--out", str(out), "--model", str(m["model"]),
+            "--clip-vision", str(m["clip_vision"]), "--epochs", "20", "--resolution", "64", "--threads", "1",
+            "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           "-m", "p3s", *args]
+    r = _run(cmd, P3S_DIST_TIMEOUT_S="1")
+    assert "rank 1/2: 0 subject(s)" in r.stdout
+    log = [json.loads(x) for x in (out / "p3s_many_log.jsonl").read_text().splitlines()]
+    assert [(x["subject"], x["rank"]) for x in log] == [("solo", 0)]
+    assert log[0]["seconds"] > 1  # rank 0 trained for longer than the group's timeout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] == 1 and summary["missing"] == []
+    assert not list((out / ".p3s_ranks").glob("*"))  # the completion marks are cleaned up
+    (out / "summary.json").unlink()
+    r = _run(cmd[:6] + [str(_port())] + cmd[7:], P3S_DIST_TIMEOUT_S="1")
+    assert "1 already complete" in r.stdout
+    assert json.loads((out / "summary.json").read_text())["complete"] == 1
+    assert len((out / "p3s_many_log.jsonl").read_text().splitlines()) == 1  # nothing trained twice

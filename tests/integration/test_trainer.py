@@ -345,7 +345,8 @@ def test_divergence_reports_and_keeps_the_last_save(comfy, sd15, clip_vision, ph
     if target.exists():
         target.unlink()
 
-    def diverging_loop(adapter, batches, step_fn, settings, on_step=None, start_step=0, device=None, on_parts=None):
+    def diverging_loop(adapter, batches, step_fn, settings, on_step=None, start_step=0, device=None, on_parts=None,
+                       precision=None):
         on_parts(0.5, 0.0)  # as the real loop: the loss parts of a step, then the step
         on_step(start_step + 1, start_step + 2, 0.5)  # step 1 completes (and is saved: save_every=1)
         raise errors.TrainingDivergedError("learning_rate", "the loss became nan at step 2",

@@ -191,3 +191,43 @@ def test_the_node_path_never_imports_diffusers_or_transformers():
             "print('BAD', bad)\nraise SystemExit(1 if bad else 0)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_generate_uses_the_chosen_reference_and_never_stretches(models, tmp_path):
+    """``--reference-index k`` generates exactly what a run with photo k alone as reference does (no
+    stretch to the first photo's grid, photo k really used); 'average copy features' differs from both."""
+    import shutil
+
+    from p3s_core import diffusers_engine as db
+
+    unet = db.load_unet(models["model"])
+    adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), clip_dim=16)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for conv in adapter.copy.zero_convs.values():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
+    save_adapter(adapter, tmp_path / "a.safetensors")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    wide = np.asarray(Image.open(sorted(models["photos"].iterdir())[1]).convert("RGB").resize((96, 64)))
+    Image.open(sorted(models["photos"].iterdir())[0]).convert("RGB").save(refs / "0.png")
+    Image.fromarray(wide).save(refs / "1.png")  # another aspect ratio than the first
+    only = tmp_path / "only1"
+    only.mkdir()
+    shutil.copy(refs / "1.png", only / "1.png")
+
+    def run(ref_dir, out, *extra):
+        assert cli.main(["generate", "--adapter", str(tmp_path / "a.safetensors"), "--reference", str(ref_dir),
+                         "--prompt", "a sks dog", "--steps", "2", "--size", "64", "--out", str(tmp_path / out),
+                         *extra, *_models_args(models)]) == 0
+        return np.asarray(Image.open(tmp_path / out / "0" / "00.png"))
+
+    second = run(refs, "second", "--reference-index", "1")
+    assert np.array_equal(second, run(only, "alone"))
+    first = run(refs, "first")
+    assert not np.array_equal(first, second)
+    avg = run(refs, "avg", "--reference-mode", "average copy features")
+    assert not np.array_equal(avg, first) and not np.array_equal(avg, second)
+    assert cli.main(["generate", "--adapter", str(tmp_path / "a.safetensors"), "--reference", str(refs),
+                     "--prompt", "x", "--out", str(tmp_path / "bad"), "--reference-index", "2",
+                     *_models_args(models)]) == 2

@@ -195,3 +195,32 @@ def test_adapter_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "p.safetensors", _use_new_zipfile_serialization=False)
     with pytest.raises(AdapterFileError, match="pickle"):
         load_adapter(tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("cfg", [
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    {"beta_schedule": "squaredcos_cap_v2"},
+    {"trained_betas": [0.001 * (i + 1) for i in range(50)], "num_train_timesteps": 50},
+])
+def test_the_training_noise_schedule_is_the_schedulers_own(cfg):
+    """The diffusers training step reads the scheduler's config (its betas as diffusers computes
+    them), not SD1.5's scaled-linear betas whatever the config says."""
+    from diffusers import DDPMScheduler
+
+    from p3s_core.diffusers_engine.training import training_betas
+
+    theirs = DDPMScheduler(**cfg).betas.double()
+    ours = training_betas(cfg)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-8)
+    if cfg.get("beta_schedule") == "linear":  # a config the old hard-coded schedule got wrong
+        assert not torch.allclose(training_betas({**cfg, "beta_schedule": "scaled_linear"}), theirs)
+
+
+def test_an_unknown_beta_schedule_is_refused():
+    from p3s_core.diffusers_engine.training import training_betas
+    from p3s_core.errors import P3SError
+
+    with pytest.raises(P3SError, match="beta_schedule"):
+        training_betas({"beta_schedule": "sigmoid"})

@@ -81,12 +81,13 @@ def test_weight_is_exactly_zero_outside_window_and_curve_inside():
     s = P3SSchedule(start_percent=0.2, end_percent=0.6)
     for p in GRID:
         w = s.weight_at(1.0 - p)
-        if 0.2 <= p < 0.6:
+        if 0.2 <= p <= 0.6:
             assert w == pytest.approx(eq10(1.0 - p))
         else:
             assert w == 0.0 and type(w) is float
     assert s.weight_at(0.8) > 0  # start boundary included (p = 0.2)
-    assert s.weight_at(0.4) == 0.0  # end boundary excluded (p = 0.6)
+    assert s.weight_at(0.4) > 0  # end boundary included too (p = 0.6): the window is closed
+    assert s.weight_at(0.39) == 0.0 and s.weight_at(0.81) == 0.0
 
 
 def test_default_window_covers_the_last_step():
@@ -209,7 +210,7 @@ def test_sample_curve_covers_progress_and_applies_window():
     s = P3SSchedule(start_percent=0.25, end_percent=0.75)
     pts = s.sample_curve(5)
     assert [p for p, _ in pts] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert [w for _, w in pts] == pytest.approx([0.0, eq10(0.75), eq10(0.5), 0.0, 0.0])
+    assert [w for _, w in pts] == pytest.approx([0.0, eq10(0.75), eq10(0.5), eq10(0.25), 0.0])
     assert len(P3SSchedule().sample_curve()) == 100
     with pytest.raises(ScheduleError):
         s.sample_curve(1)
@@ -253,7 +254,27 @@ def test_weights_are_finite_non_negative_and_zero_outside_window(mode, a, b, k, 
     assert math.isfinite(w) and w >= 0.0
     p = 1.0 - x
     slack = 1e-9  # documented boundary slack of P3SSchedule.in_window
-    if p < start - slack or (p >= end - slack and end < 1.0):
+    if p < start - slack or p > end + slack:
         assert w == 0.0
     else:
         assert w == pytest.approx(s.curve(x))
+
+
+def test_the_window_is_closed_at_both_ends_in_the_scheduler_and_in_sampling():
+    """One definition: a step exactly on start_percent or end_percent is on, in ``weight_at`` (the
+    scheduler's plot) and in the diffusers injector's sampling window (ComfyUI's is checked through
+    the real sampler in tests/integration/test_fidelity.py)."""
+    import types
+
+    from p3s_core.diffusers_engine.attention import P3SDiffusersInjector
+
+    s = P3SSchedule(start_percent=0.25, end_percent=0.75)
+    fake = types.SimpleNamespace(strength=1.0, schedule=s, num_timesteps=1000)
+    for progress in (0.25, 0.75):
+        t = (1.0 - progress) * 999
+        in_sampling = P3SDiffusersInjector.step_weight(fake, t) > 0
+        in_scheduler = s.weight_at(t / 999.0, progress=progress) > 0
+        assert in_sampling and in_scheduler, progress
+    for progress in (0.2, 0.8):
+        t = (1.0 - progress) * 999
+        assert P3SDiffusersInjector.step_weight(fake, t) == 0.0 == s.weight_at(t / 999.0, progress=progress)
