@@ -7,7 +7,7 @@
 #   whl/*.whl                  cp312 manylinux wheels of what ComfyUI 0.33 needs and the device image lacks
 #                              (list: benchmarks/results/gpu_check_h200.json, how.carried_wheels)
 #   site-extra/                comfy-kitchen 0.2.31 unpacked, without backends/{cuda,hip}/_C.abi3.so (size limit)
-# Run there as:  OUT="$OUT" BUDGET_S=480 bash .gpu/go.sh   (the device call's timeout_s a little more)
+# Run there as:  OUT="$OUT" BUDGET_S=475 GC_ARGS="--rounds 4" bash .gpu/go.sh   (device call: carry .gpu, timeout_s 500)
 #
 # One device call: ComfyUI 0.33.0 + the pack + random-weight SD1.5 / CLIP ViT-L/14 vision / SD1.5
 # ControlNet generated here, then ONE scripts/gpu_check.py run inside what is left of the budget:
