@@ -2,7 +2,8 @@
 ``UNetModel`` takes ``operations``: a namespace with ``Linear``, ``Conv2d``, ``GroupNorm`` and
 ``LayerNorm`` (the four layer types with weights in :mod:`.copy_unet` and :mod:`.encoder`).
 
-* ``torch.nn`` itself (the default): plain layers; they compute in their weights' dtype and device.
+* :class:`TorchOps` (the default; ``torch.nn`` itself is taken as it): plain torch.nn layers; they
+  compute in their weights' dtype and device.
 * :class:`CastOps`: the same layers, casting their weight and bias to the input's dtype and device
   at every call. The weights stay where they are (fp32 master weights; no second copy in memory)
   and the layer computes in the dtype of what it is given (fp16 / bf16 beside a half-precision
@@ -20,17 +21,26 @@ from torch import nn
 
 from .errors import ModelMismatchError
 
-__all__ = ["OPERATION_NAMES", "CastOps", "check_operations"]
+__all__ = ["OPERATION_NAMES", "CastOps", "TorchOps", "check_operations"]
 
 #: The layer types a family must provide (their constructors take torch.nn's arguments).
 OPERATION_NAMES = ("Linear", "Conv2d", "GroupNorm", "LayerNorm")
 
 
+class TorchOps:
+    """The plain torch.nn layers, as a class (a model keeps its family as an attribute, and a class,
+    unlike the ``torch.nn`` module, survives ``copy.deepcopy`` of the model: ComfyUI 0.3.75 deep-copies
+    a MODEL's patches, and with them the adapter, on every ``clone()``)."""
+
+    Linear, Conv2d, GroupNorm, LayerNorm = nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm
+
+
 def check_operations(operations):
-    """``operations`` (None = ``torch.nn``) if it provides every layer of :data:`OPERATION_NAMES`,
-    each a subclass of the torch.nn layer of that name; else :class:`ModelMismatchError`."""
-    if operations is None:
-        return nn
+    """``operations`` (None or ``torch.nn`` = :class:`TorchOps`) if it provides every layer of
+    :data:`OPERATION_NAMES`, each a subclass of the torch.nn layer of that name; else
+    :class:`ModelMismatchError`."""
+    if operations is None or operations is nn:
+        return TorchOps
     bad = [n for n in OPERATION_NAMES
            if not (isinstance(getattr(operations, n, None), type) and issubclass(getattr(operations, n), getattr(nn, n)))]
     if bad:

@@ -130,6 +130,12 @@ class P3SInjectorPatch(RegionalInjection):
     def to(self, *args, **kwargs):
         return self
 
+    def __deepcopy__(self, memo):
+        """Shared, not copied: ComfyUI 0.3.75's ``clone()`` deep-copies ``model_options`` and with
+        them this patch, which would copy the adapter (718 MB) per clone. Nothing per run is
+        stored here, so sharing is safe (ComfyUI 0.33's ``clone()`` shares patch objects too)."""
+        return self
+
     def models(self):
         return [self.adapter_patcher()]
 

@@ -10,7 +10,7 @@ from torch import nn
 from p3s_core.adapter import load_adapter, new_adapter, save_adapter
 from p3s_core.copy_unet import CopyUNetConfig
 from p3s_core.errors import ModelMismatchError
-from p3s_core.operations import OPERATION_NAMES, CastOps, check_operations
+from p3s_core.operations import OPERATION_NAMES, CastOps, TorchOps, check_operations
 
 TINY = CopyUNetConfig.tiny()
 
@@ -43,7 +43,19 @@ def test_every_weighted_layer_comes_from_the_family():
     cast_types = tuple(getattr(CastOps, n) for n in OPERATION_NAMES)
     assert all(isinstance(m, cast_types) for _, m in layers)
     assert not any(isinstance(m, cast_types) for _, m in _weighted_layers(a))
-    assert a.operations is nn and twin.operations is CastOps and a.with_operations(nn) is a
+    assert a.operations is TorchOps and twin.operations is CastOps and a.with_operations(nn) is a
+    assert a.with_operations(None) is a and a.with_operations(TorchOps) is a
+
+
+def test_adapters_and_twins_survive_deepcopy():
+    import copy
+
+    a = _adapter()
+    twin = a.with_operations(CastOps)
+    for m in (a, twin):
+        c = copy.deepcopy(m)
+        assert c.operations is m.operations
+        assert all(torch.equal(x, y) for x, y in zip(c.parameters(), m.parameters()))
 
 
 def test_the_twin_shares_the_parameters_and_flags_and_computes_the_same():
