@@ -315,6 +315,18 @@ def ideal(shape, colour, texture, bg, seed=0):
     return W.render([W.Obj(shape, colour, texture, 9, 9, 14)], bg, rng)
 
 
+def clip_text_embeds(world: ToyWorld, captions):
+    """The world's CLIP text embedding (pooled, projected) of ``captions``."""
+    ids = world.tokenizer(list(captions), padding="max_length", max_length=W.MAX_TOKENS, truncation=True,
+                          return_tensors="pt").input_ids
+    return world.clip.text_projection(world.clip.text_model(input_ids=ids).pooler_output)
+
+
+def clip_image_embeds(world: ToyWorld, imgs01: torch.Tensor):
+    """The world's CLIP image embedding (pooled, projected) of images [N, 32, 32, 3] in [0, 1]."""
+    return world.clip.visual_projection(world.clip.vision_model(pixel_values=B.clip_pixels(imgs01)).pooler_output)
+
+
 def measure_subject(world: ToyWorld, imgs: np.ndarray, photos: Photos, bgs) -> dict:
     """Subject / distractor presence by the evaluator, background accuracy (the prompt's other word),
     and embedding similarities to the ideal subject / distractor image on the prompt's background:
@@ -345,13 +357,9 @@ def measure_subject(world: ToyWorld, imgs: np.ndarray, photos: Photos, bgs) -> d
         ge, se, de_ = clip_emb(x), clip_emb(rep(subj)), clip_emb(rep(dist))
         gd, sd, dd = dino_emb(x), dino_emb(rep(subj)), dino_emb(rep(dist))
         caps = [f"a {photos.colour} {photos.texture} {photos.shape} on {b}" for b in bgs]
-        ids = world.tokenizer(caps, padding="max_length", max_length=W.MAX_TOKENS, return_tensors="pt").input_ids
-        te_ = F.normalize(world.clip.get_text_features(input_ids=ids), dim=-1)
-        if not isinstance(te_, torch.Tensor):
-            te_ = te_.pooler_output
-        ie = F.normalize(world.clip.get_image_features(pixel_values=B.clip_pixels(x)), dim=-1) \
-            if isinstance(world.clip.get_image_features(pixel_values=B.clip_pixels(x[:1])), torch.Tensor) else None
-        clip_t = float((ie * te_.repeat_interleave(per, 0)).sum(-1).mean()) if ie is not None else float("nan")
+        te_ = F.normalize(clip_text_embeds(world, caps), dim=-1).repeat_interleave(per, 0)
+        ie = F.normalize(clip_image_embeds(world, x), dim=-1)
+        clip_t = float((ie * te_).sum(-1).mean())
     return {"subject_in": float((sh & co & te).float().mean()),
             "subject_texture": float(te.float().mean()),
             "subject_colour": float(co.float().mean()),

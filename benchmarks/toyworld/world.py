@@ -193,7 +193,9 @@ def make_latent_map_class():
         def __init__(self, block_out_channels=(4, 4), latent_channels: int = 4, scaling_factor: float = 1.0,
                      force_upcast: bool = False, shift_factor=None):
             super().__init__()
-            self.register_buffer("lum", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1))
+            # a (frozen) parameter, not a buffer: the engine reads the device from ``vae.parameters()``
+            self.lum = torch.nn.Parameter(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1),
+                                          requires_grad=False)
 
         def encode(self, x, return_dict: bool = True):
             mean = torch.nn.functional.avg_pool2d(x, 2)

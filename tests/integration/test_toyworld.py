@@ -1,0 +1,110 @@
+"""The toy world's headline claims, CI-sized (issue 23): P3S trained through the diffusers engine on
+a world built here (``benchmarks/toyworld/build.py --size ci``, cached by seed in P3S_CACHE_DIR)
+puts the subject into new prompts far above the base model, and with both points keeps the
+look-alike distractor out far below training without RNGR. The same measurement with a bug planted
+in the real code path (the copy's features zeroed at the injection; the negative point ignored)
+must break the claim, so the test can fail.
+
+Margins: well inside the spread measured over 3 seeds (docs/TOYWORLD.md)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.toyworld import build as B
+from benchmarks.toyworld import p3s_path as P
+from benchmarks.toyworld import world as W
+
+pytestmark = pytest.mark.toyworld
+
+SEED = 0
+#: subject transfer: P3S's "subject in" share must exceed the base model's by this much
+TRANSFER_MARGIN = 0.35
+#: distractor exclusion: both points' distractor-texture share must be below no-RNGR's by this much
+EXCLUSION_MARGIN = 0.25
+
+
+@pytest.fixture(scope="module")
+def setup():
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, before))
+    try:
+        world = P.ToyWorld(B.build(SEED, "ci", threads=min(2, before)))
+        photos = P.make_photos(0, SEED)
+        prompt = P.train_prompt(photos)
+        bgs = list(W.BG_NAMES)
+        prompts = [f"a {W.IDENTIFIER} {photos.shape} on {b}" for b in bgs]
+        rs, gs = P.RunSettings(seed=SEED), P.GenSettings(seed=1000)
+        cleaned = P.rngr_clean(world, photos, "both points")
+        raw = P.rngr_clean(world, photos, "no RNGR")
+        adapter, _ = P.train_p3s(world, cleaned, prompt, rs)
+        raw_adapter, _ = P.train_p3s(world, raw, prompt, rs)
+
+        def m(imgs):
+            return P.measure_subject(world, imgs, photos, bgs)
+
+        out = {"world": world, "photos": photos, "prompt": prompt, "prompts": prompts, "rs": rs, "gs": gs,
+               "cleaned": cleaned, "measure": m,
+               "base": m(P.generate_plain(world, prompts, gs)),
+               "p3s": m(P.generate_p3s(world, adapter, cleaned.images, prompts, gs)),
+               "no_rngr": m(P.generate_p3s(world, raw_adapter, raw.images, prompts, gs)),
+               "zeroed": m(P.generate_p3s(world, adapter, cleaned.images, prompts, gs, zero_features=True))}
+        yield out
+    finally:
+        torch.set_num_threads(before)
+
+
+def transfer_claim(p3s: dict, base: dict) -> bool:
+    return p3s["subject_in"] >= base["subject_in"] + TRANSFER_MARGIN
+
+
+def exclusion_claim(p3s: dict, no_rngr: dict) -> bool:
+    return p3s["distractor_in"] <= no_rngr["distractor_in"] - EXCLUSION_MARGIN
+
+
+def test_evaluator_reads_the_world():
+    info = P.ToyWorld(B.build(SEED, "ci")).info
+    acc = info["evaluator_heldout_accuracy"]
+    assert min(acc.values()) > 0.9, acc
+
+
+def test_rngr_masks_the_subject_and_the_distractor(setup):
+    c = setup["cleaned"]
+    assert c.iou_subject > 0.5 and c.iou_distractor > 0.5, (c.iou_subject, c.iou_distractor)
+    assert c.distractor_left < 0.2
+
+
+def test_subject_transfer(setup):
+    assert transfer_claim(setup["p3s"], setup["base"]), (setup["p3s"], setup["base"])
+
+
+def test_distractor_exclusion(setup):
+    assert exclusion_claim(setup["p3s"], setup["no_rngr"]), (setup["p3s"], setup["no_rngr"])
+
+
+def test_planted_bug_features_zeroed_breaks_transfer(setup):
+    """The injection's features replaced by zeros (monkeypatched in the diffusers engine's processor):
+    the same measurement must no longer show the transfer."""
+    assert not transfer_claim(setup["zeroed"], setup["base"]), (setup["zeroed"], setup["base"])
+
+
+def test_planted_bug_negative_point_ignored_breaks_exclusion(setup):
+    """The negative points never reach RNGR (so nothing is inpainted): the same training and
+    measurement must no longer show the exclusion."""
+    s = setup
+    bug = P.rngr_clean(s["world"], s["photos"], "both points", ignore_negative=True)
+    assert not bug.distractor_masks[0].any()
+    adapter, _ = P.train_p3s(s["world"], bug, s["prompt"], s["rs"])
+    res = s["measure"](P.generate_p3s(s["world"], adapter, bug.images, s["prompts"], s["gs"]))
+    assert not exclusion_claim(res, s["no_rngr"]), (res, s["no_rngr"])
+
+
+def test_letterbox_matches_the_build_pixels():
+    """The build trains the vision tower on a bilinear resize; the pack letterboxes: same pixels."""
+    from p3s_core.letterbox import letterbox
+
+    img = W.render(*W.random_scene(np.random.default_rng(3)), np.random.default_rng(4))
+    sq, _ = letterbox(img, 224)
+    mine = (B.clip_pixels(torch.from_numpy(img)[None]) * B.CLIP_STD + B.CLIP_MEAN)[0].permute(1, 2, 0).numpy()
+    assert np.abs(mine - sq).max() < 1e-4
