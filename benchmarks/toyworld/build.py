@@ -1,7 +1,7 @@
 """Build the toy world: one command, CPU, fixed seeds, cached by seed and config hash.
 
-    python benchmarks/toyworld/build.py --seed 0 --size full   # about 20 min on 2 cores
-    python benchmarks/toyworld/build.py --seed 0 --size ci     # a few minutes
+    python benchmarks/toyworld/build.py --seed 0 --size full   # about 20 min on a shared 2-core CPU
+    python benchmarks/toyworld/build.py --seed 0 --size ci     # about 5 min
 
 Trained here, in SD1.5's architecture at small width (no weights are downloaded or committed):
 
@@ -12,7 +12,7 @@ Trained here, in SD1.5's architecture at small width (no weights are downloaded 
 * a fixed 2x latent map in the VAE's place (:func:`world.make_latent_map_class`, exact on the world);
 * a text-conditional diffusers ``UNet2DConditionModel`` with SD1.5's block layout (3 cross-attention
   down blocks + 1 plain, 2 layers per block, attention at the three highest resolutions, one
-  transformer each) at width 32, context 64, on 16 x 16 x 4 latents, eps-prediction on SD1.5's
+  transformer each) at width 16 (16/32/64/64), context 64, on 16 x 16 x 4 latents, eps-prediction on SD1.5's
   scaled-linear betas;
 * the evaluator: a small CNN with presence heads (shape, colour, texture) and a background head,
   trained on images that include the held-out subjects, with its held-out accuracy recorded.
@@ -47,21 +47,22 @@ BUILD_VERSION = 1
 class BuildConfig:
     size: str = "full"
     n_images: int = 20000
-    clip_steps: int = 400
+    clip_steps: int = 300
     clip_batch: int = 64
     unet_steps: int = 2400
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema: float = 0.995
     cls_steps: int = 500
-    width: int = 24
+    width: int = 16
 
     @classmethod
     def of(cls, size: str) -> "BuildConfig":
         if size == "full":
             return cls()
         if size == "ci":
-            return cls(size="ci", n_images=6000, clip_steps=150, unet_steps=700, ema=0.99, cls_steps=250)
+            return cls(size="ci", n_images=6000, clip_steps=100, clip_batch=48, unet_steps=800, unet_batch=16,
+                       ema=0.99, cls_steps=200)
         raise ValueError(f"--size is ci or full, not {size!r}")
 
     def key(self) -> str:
@@ -342,7 +343,7 @@ def train_evaluator(cfg: BuildConfig, seed: int, log):
 
 
 # --- the build -----------------------------------------------------------------------------------
-def build(seed: int = 0, size: str = "full", threads: int = 2, force: bool = False, log=print) -> Path:
+def build(seed: int = 0, size: str = "full", threads: int = 1, force: bool = False, log=print) -> Path:
     from safetensors.torch import save_file
 
     cfg = BuildConfig.of(size)
@@ -395,7 +396,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", choices=("ci", "full"), default="full")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine two threads under load are slower)")
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
     args = ap.parse_args(argv)
     print(build(args.seed, args.size, args.threads, args.force))
