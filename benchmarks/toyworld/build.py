@@ -49,7 +49,7 @@ class BuildConfig:
     n_images: int = 20000
     clip_steps: int = 300
     clip_batch: int = 64
-    unet_steps: int = 2400
+    unet_steps: int = 2000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     ema: float = 0.995

@@ -150,7 +150,7 @@ def rngr_clean(world: ToyWorld, photos: Photos, mode: str = "both points", sigma
 @dataclass
 class RunSettings:
     steps: int = 240
-    lr: float = 3e-4
+    lr: float = 1e-3
     gamma: float = 0.1
     ac_reading: str = "mass"
     lam: float = 0.2
@@ -360,7 +360,8 @@ def measure_subject(world: ToyWorld, imgs: np.ndarray, photos: Photos, bgs) -> d
         te_ = F.normalize(clip_text_embeds(world, caps), dim=-1).repeat_interleave(per, 0)
         ie = F.normalize(clip_image_embeds(world, x), dim=-1)
         clip_t = float((ie * te_).sum(-1).mean())
-    return {"subject_in": float((sh & co & te).float().mean()),
+    return {"subject_in": float((co & te).float().mean()),
+            "subject_shape_colour_texture": float((sh & co & te).float().mean()),
             "subject_texture": float(te.float().mean()),
             "subject_colour": float(co.float().mean()),
             "distractor_in": float(de.float().mean()),
