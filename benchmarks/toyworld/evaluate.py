@@ -146,6 +146,31 @@ def fmt(s: dict, pct: bool = True) -> str:
     return f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
+def reading(agg: dict) -> list[str]:
+    """Each headline comparison: the mean difference and in how many seeds it goes the claimed way."""
+    v = agg["variants"]
+
+    def cmp(a, b, key, higher=True):
+        xa, xb = v[a][key]["values"], v[b][key]["values"]
+        d = [(p - q) if higher else (q - p) for p, q in zip(xa, xb)]
+        wins = sum(x > 0 for x in d)
+        return (f"- {a} vs {b}, {key} ({'higher' if higher else 'lower'} is the claim): "
+                f"{100 * statistics.fmean(xa):.0f} % vs {100 * statistics.fmean(xb):.0f} %, "
+                f"the claimed way in {wins} of {len(d)} seeds (differences {', '.join(f'{100 * x:+.0f}' for x in d)} points)")
+
+    rows = []
+    for a, b, key, hi in (("P3S (both points)", "base", "subject_in", True),
+                          ("P3S (both points)", "base", "subject_texture", True),
+                          ("P3S (both points)", "plain fine-tune", "subject_in", True),
+                          ("P3S (both points)", "P3S untrained adapter", "subject_texture", True),
+                          ("P3S (both points)", "P3S (no RNGR)", "distractor_in", False),
+                          ("P3S (both points)", "P3S (positive only)", "distractor_in", False),
+                          ("P3S (both points)", "base", "background_acc", True)):
+        if a in v and b in v:
+            rows.append(cmp(a, b, key, hi))
+    return rows
+
+
 def markdown(result: dict) -> str:
     agg, info = result["aggregate"], result["world"]
     n = len(result["seeds"])
@@ -180,7 +205,7 @@ def markdown(result: dict) -> str:
         "",
         "Prompts `a sks <shape> on <background>` for all four backgrounds (the photos show one: new prompts); "
         "the colour and texture are never named, so only the reference can bring them. `subject in` = the evaluator "
-        "reads the subject's shape, colour and texture together; `distractor texture` = it reads the look-alike's "
+        "reads the subject's colour and texture together (the prompt names the shape); `subject texture` = its texture; `distractor texture` = it reads the look-alike's "
         "texture; `background` = it reads the prompt's background (the prompt's other word still acts). Similarities to "
         "the ideal subject (or distractor) on the prompt's background: CLIP-I stand-in = the world's vision encoder, "
         "DINO stand-in = the evaluator's features (trained independently); CLIP-T = the descriptive caption vs the image.",
@@ -193,7 +218,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {fmt(v['subject_in'])} | {fmt(v['subject_texture'])} | {fmt(v['distractor_in'])} | "
                      f"{fmt(v['background_acc'])} | {fmt(v['clip_i_subject'], False)} | {fmt(v['clip_i_distractor'], False)} | "
                      f"{fmt(v['dino_subject'], False)} | {fmt(v['dino_distractor'], False)} | {fmt(v['clip_t'], False)} |")
-    lines += ["", "RNGR on the photos (masks vs the drawn objects):", "",
+    lines += ["", "### Reading (computed from the per-seed values)", ""] + reading(agg) + [
+              "", "RNGR on the photos (masks vs the drawn objects):", "",
               "| points | subject mask IoU | distractor mask IoU | distractor pixels left after inpainting |",
               "|---|---|---|---|"]
     for mode, v in agg["rngr"].items():
