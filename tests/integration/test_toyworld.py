@@ -1,11 +1,15 @@
 """The toy world's headline claims, CI-sized (issue 23): P3S trained through the diffusers engine on
 a world built here (``benchmarks/toyworld/build.py --size ci``, cached by seed in P3S_CACHE_DIR)
-puts the subject into new prompts far above the base model, and with both points keeps the
-look-alike distractor out far below training without RNGR. The same measurement with a bug planted
+puts the subject's texture into new prompts above the base model, and with both points keeps the
+look-alike distractor out, below training without RNGR. The same measurement with a bug planted
 in the real code path (the copy's features zeroed at the injection; the negative point ignored)
 must break the claim, so the test can fail.
 
-Margins: well inside the spread measured over 3 seeds (docs/TOYWORLD.md)."""
+Margins: set from this seed's own measurement (per_prompt 8, 32 images per variant; seed 0 measured
+subject texture 25 % vs base 3 % and features-zeroed 3 %; distractor texture 12.5 % with both points vs
+50 % without RNGR and 41 % with the negative point ignored). The run is deterministic on the CPU with
+one thread. Across seeds the effects vary a lot on the CI-sized world (docs/TOYWORLD.md: seed 2's RNGR
+misses its plain look-alike), so this test guards seed 0's result, not the 3-seed mean."""
 from __future__ import annotations
 
 import numpy as np
