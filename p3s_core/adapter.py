@@ -30,6 +30,10 @@ Decisions:
   ComfyUI runs, and results do not depend on the offsets inside the file.
 * Non-finite weights (NaN / inf) are refused on load and before a save (:func:`check_finite`):
   they would make every sample black.
+* Layer family (``operations``, :mod:`.operations`): ``torch.nn`` unless given. :func:`new_adapter`
+  initialises with torch.nn and only then builds the requested family's twin
+  (:meth:`P3SAdapter.with_operations`), so a family that skips weight init (ComfyUI's
+  ``comfy.ops``) never leaves a weight uninitialised; :func:`load_adapter` takes every weight from the file.
 * :func:`new_adapter` and :func:`load_adapter` run under ``torch.inference_mode(False)``: ComfyUI
   executes nodes in inference mode, and parameters created there would be inference tensors that
   the trainer could not back-propagate through.
@@ -50,6 +54,7 @@ from .copy_init import init_from_ldm_unet, ldm_key_map
 from .copy_unet import CopyUNetConfig, P3SCopyUNet, layer_map
 from .encoder import RNGREncoder
 from .errors import AdapterFileError
+from .operations import check_operations
 from .safe_io import atomic_save_safetensors, read_safetensors_header, read_safetensors_tensors
 
 __all__ = [
@@ -99,15 +104,17 @@ def _dumps(obj: Any) -> str:
 
 class P3SAdapter(nn.Module):
     """``encoder`` (Eq. 4-5) + ``copy`` (Eq. 6, incl. zero convs) + ``config`` + ``lam`` (Eq. 7)
-    + ``training_info`` (settings, ``steps``) + ``base_unet_hash`` (or None)."""
+    + ``training_info`` (settings, ``steps``) + ``base_unet_hash`` (or None). ``operations``: the
+    layer family of the encoder and the copy (:mod:`.operations`; None = ``torch.nn``)."""
 
     def __init__(self, config: CopyUNetConfig | None = None, lam: float = DEFAULT_LAMBDA,
                  training: Mapping[str, Any] | None = None, clip_dim: int = 1024,
-                 encoder_inner_dim: int = 64, base_unet_hash: str | None = None):
+                 encoder_inner_dim: int = 64, base_unet_hash: str | None = None, operations=None):
         super().__init__()
         self.config = config or CopyUNetConfig.sd15()
-        self.encoder = RNGREncoder(self.config.in_channels, clip_dim, encoder_inner_dim)
-        self.copy = P3SCopyUNet(self.config)
+        self.operations = check_operations(operations)
+        self.encoder = RNGREncoder(self.config.in_channels, clip_dim, encoder_inner_dim, self.operations)
+        self.copy = P3SCopyUNet(self.config, self.operations)
         self.lam = float(lam)
         self.training_info: dict[str, Any] = dict(training) if training else {"steps": 0}
         self.base_unet_hash = base_unet_hash
@@ -123,16 +130,41 @@ class P3SAdapter(nn.Module):
     def encoder_config(self) -> dict[str, int]:
         return self.encoder.config()
 
-    def encode_reference(self, ref_latent: torch.Tensor, clip_hidden: torch.Tensor
-                         ) -> torch.Tensor:
-        """Eq. 4-5: I'' from the reference latent I' and the CLIP image hidden states."""
-        return self.encoder(ref_latent, clip_hidden)
+    def encode_reference(self, ref_latent: torch.Tensor, clip_hidden: torch.Tensor,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Eq. 4-5: I'' from the reference latent I' and the CLIP image hidden states (``dtype``:
+        see :meth:`RNGREncoder.forward`)."""
+        return self.encoder(ref_latent, clip_hidden, dtype)
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                ref: torch.Tensor | None = None, return_attn_map: bool = False
-                ) -> dict[str, torch.Tensor]:
+                ref: torch.Tensor | None = None, return_attn_map: bool = False,
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Eq. 6 features ``{layer key: [B, tokens, C]}`` (see :meth:`P3SCopyUNet.forward`)."""
-        return self.copy(x_t, timesteps, context, ref, return_attn_map=return_attn_map)
+        return self.copy(x_t, timesteps, context, ref, return_attn_map=return_attn_map, dtype=dtype)
+
+    def with_operations(self, operations) -> "P3SAdapter":
+        """This adapter built from another layer family, sharing its parameters: the twin's
+        parameters ARE this adapter's ``Parameter`` objects (built on the meta device, then
+        ``load_state_dict(assign=True)``: no init, no copy, every weight from this adapter), so a
+        training step or a move of one is seen by the other. ``requires_grad`` flags, the train/eval
+        mode, ``reference`` and the metadata are kept. The same family: ``self``. A family whose
+        loader wraps tensors in new ``Parameter`` objects (ComfyUI 0.33's lazily initialised
+        ``Linear`` under Dynamic VRAM) shares the storage, not the objects."""
+        ops = check_operations(operations)
+        if ops is self.operations:
+            return self
+        with torch.inference_mode(False), torch.device("meta"):
+            twin = P3SAdapter(self.config, self.lam, self.training_info, self.encoder.clip_dim,
+                              self.encoder.inner_dim, self.base_unet_hash, operations=ops)
+        mine = self.state_dict(keep_vars=True)
+        for name, p in twin.named_parameters():
+            p.requires_grad_(mine[name].requires_grad)  # assign=True copies these flags onto ours
+        with torch.inference_mode(False):
+            twin.load_state_dict(mine, strict=True, assign=True)
+        twin.training_info = self.training_info
+        twin.reference = self.reference
+        twin.copy.share_cfg_rows = self.copy.share_cfg_rows
+        return twin.train(self.training)
 
 
 def adapter_metadata(adapter: P3SAdapter) -> dict[str, str]:
@@ -205,7 +237,7 @@ def _names(keys, limit: int = 5) -> str:
 
 
 def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> P3SAdapter:
+                 dtype: torch.dtype | None = None, operations=None) -> P3SAdapter:
     """Load and validate an adapter file; raises :class:`AdapterFileError` when it cannot be used.
 
     Checks, in order: a real safetensors file (no pickle is ever opened), format version (newer ->
@@ -213,13 +245,15 @@ def load_adapter(path: str | os.PathLike, device: str | torch.device = "cpu",
     version expects, every tensor present with the expected shape and a float dtype, no extra
     tensors, every value finite. Reads tensors with :func:`~p3s_core.safe_io.read_safetensors_tensors`
     (owned, aligned memory; the file is closed afterwards). Returns the adapter in eval
-    mode on ``device`` (dtype of the file unless ``dtype`` is given).
+    mode on ``device`` (dtype of the file unless ``dtype`` is given), built from ``operations``
+    (:mod:`.operations`; None = ``torch.nn``).
     """
+    operations = check_operations(operations)
     with torch.inference_mode(False):
-        return _load_adapter(Path(path), device, dtype)
+        return _load_adapter(Path(path), device, dtype, operations)
 
 
-def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
+def _load_adapter(path: Path, device, dtype, operations) -> P3SAdapter:
     meta, infos = read_safetensors_header(path)
     if "p3s_format_version" not in meta:
         raise AdapterFileError(str(path), "this safetensors file is not a P3S adapter (no "
@@ -276,7 +310,7 @@ def _load_adapter(path: Path, device, dtype) -> P3SAdapter:
 
     with torch.device("meta"):
         adapter = P3SAdapter(config, lam, training, enc["clip_dim"], enc["inner_dim"],
-                             meta.get("base_unet_hash"))
+                             meta.get("base_unet_hash"), operations=operations)
     infos = dict(infos)
     ref_infos = _split_reference(path, infos, enc["clip_dim"], enc["latent_channels"])
     expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
@@ -340,17 +374,21 @@ def new_adapter(config: CopyUNetConfig | None = None,
                 unet_state_dict: Mapping[str, torch.Tensor] | None = None,
                 lam: float = DEFAULT_LAMBDA, seed: int = 0, *, unet_prefix: str = "",
                 clip_dim: int = 1024, encoder_inner_dim: int = 64,
-                training: Mapping[str, Any] | None = None) -> P3SAdapter:
+                training: Mapping[str, Any] | None = None, operations=None) -> P3SAdapter:
     """Build a fresh adapter, deterministic for ``seed`` (the global RNG is left untouched).
 
     With ``unet_state_dict`` (LDM names, ``unet_prefix`` e.g. ``"model.diffusion_model."``) the
     copy is initialised from the base UNet (:func:`init_from_ldm_unet`, ControlNet-style) and
     ``base_unet_hash`` is set to :func:`unet_fingerprint` of the copied tensors; zero convs are
-    zero either way. Without it the copy keeps PyTorch's default random init.
+    zero either way. Without it the copy keeps PyTorch's default random init. ``operations``: the
+    layer family of the result (:mod:`.operations`); it is initialised with torch.nn first, then
+    rebuilt from that family sharing the same tensors (:meth:`P3SAdapter.with_operations`).
     """
+    operations = check_operations(operations)
     with torch.inference_mode(False):
-        return _new_adapter(config or CopyUNetConfig.sd15(), unet_state_dict, lam, seed,
-                            unet_prefix, clip_dim, encoder_inner_dim, training)
+        adapter = _new_adapter(config or CopyUNetConfig.sd15(), unet_state_dict, lam, seed,
+                               unet_prefix, clip_dim, encoder_inner_dim, training)
+        return adapter.with_operations(operations)
 
 
 def _new_adapter(config, unet_state_dict, lam, seed, unet_prefix, clip_dim, encoder_inner_dim,

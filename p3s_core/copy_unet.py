@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterFileError, ModelMismatchError
+from .operations import check_operations
 
 __all__ = [
     "CopyUNetConfig",
@@ -208,17 +209,18 @@ class ResBlock(nn.Module):
     """LDM ResBlock: ``skip(x) + out_layers(in_layers(x) + emb_layers(emb))`` (keys as LDM)."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
-                 groups: int = 32, dropout: float = 0.0):
+                 groups: int = 32, dropout: float = 0.0, operations=None):
         super().__init__()
+        ops = check_operations(operations)
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(),
+        self.in_layers = nn.Sequential(ops.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(),
+                                       ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(ops.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(),
                                         nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        ops.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
-                                else nn.Conv2d(channels, out_channels, 1))
+                                else ops.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -232,15 +234,16 @@ class CrossAttention(nn.Module):
     ``softmax(QK^T/sqrt(d))`` [B, Nq, Nk]."""
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
-                 dim_head: int = 64, dropout: float = 0.0):
+                 dim_head: int = 64, dropout: float = 0.0, operations=None):
         super().__init__()
+        ops = check_operations(operations)
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads, self.dim_head = heads, dim_head
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.to_q = ops.Linear(query_dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -265,9 +268,9 @@ class CrossAttention(nn.Module):
 
 
 class _GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, operations=None):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = check_operations(operations).Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -275,10 +278,10 @@ class _GEGLU(nn.Module):
 
 
 class _FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, operations=None):
         super().__init__()
-        self.net = nn.Sequential(_GEGLU(dim, dim * mult), nn.Dropout(dropout),
-                                 nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(_GEGLU(dim, dim * mult, operations), nn.Dropout(dropout),
+                                 check_operations(operations).Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -287,13 +290,14 @@ class _FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """LDM block: self-attention, cross-attention to the text context, GEGLU feed-forward."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0, operations=None):
         super().__init__()
+        ops = check_operations(operations)
         d_head = dim // heads
-        self.attn1 = CrossAttention(dim, None, heads, d_head, dropout)
-        self.ff = _FeedForward(dim, 4, dropout)
-        self.attn2 = CrossAttention(dim, context_dim, heads, d_head, dropout)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, None, heads, d_head, dropout, ops)
+        self.ff = _FeedForward(dim, 4, dropout, ops)
+        self.attn2 = CrossAttention(dim, context_dim, heads, d_head, dropout, ops)
+        self.norm1, self.norm2, self.norm3 = ops.LayerNorm(dim), ops.LayerNorm(dim), ops.LayerNorm(dim)
 
     def self_part(self, x: torch.Tensor) -> torch.Tensor:
         """The self-attention half: it reads no text context, so rows with equal input share it."""
@@ -320,13 +324,14 @@ class SpatialTransformer(nn.Module):
     """LDM SpatialTransformer (conv proj_in/proj_out, depth 1): ``x + proj_out(blocks(proj_in(norm x)))``."""
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, operations=None):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        ops = check_operations(operations)
+        self.norm = ops.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = ops.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, context_dim, dropout)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+            [BasicTransformerBlock(channels, heads, context_dim, dropout, ops)])
+        self.proj_out = ops.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False,
                 expand: torch.Tensor | None = None):
@@ -350,19 +355,19 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     """LDM Downsample: ``op`` = Conv3x3, stride 2, padding 1 (output size ceil(h/2))."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, operations=None):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = check_operations(operations).Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
 
 class _Level(nn.Module):
-    def __init__(self, cin: int, cout: int, cfg: CopyUNetConfig):
+    def __init__(self, cin: int, cout: int, cfg: CopyUNetConfig, operations=None):
         super().__init__()
-        self.res = ResBlock(cin, cfg.time_embed_dim, cout, cfg.groups, cfg.dropout)
-        self.st = SpatialTransformer(cout, cfg.num_heads, cfg.context_dim, cfg.groups, cfg.dropout)
+        self.res = ResBlock(cin, cfg.time_embed_dim, cout, cfg.groups, cfg.dropout, operations)
+        self.st = SpatialTransformer(cout, cfg.num_heads, cfg.context_dim, cfg.groups, cfg.dropout, operations)
 
 
 def distinct_rows(x: torch.Tensor, timesteps: torch.Tensor
@@ -390,8 +395,8 @@ def distinct_rows(x: torch.Tensor, timesteps: torch.Tensor
     return torch.tensor(firsts, device=x.device), torch.tensor(inv, device=x.device)
 
 
-def _zero_conv(channels: int) -> nn.Conv2d:
-    conv = nn.Conv2d(channels, channels, 1)
+def _zero_conv(channels: int, operations=None) -> nn.Conv2d:
+    conv = check_operations(operations).Conv2d(channels, channels, 1)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
@@ -402,31 +407,39 @@ class P3SCopyUNet(nn.Module):
 
     Tokens are in ComfyUI's layout (row-major ``(h w)``, as ``b c h w -> b (h w) c``), ready to be
     concatenated with the normed hidden states ``n`` of that self-attention layer (Eq. 7).
+
+    ``operations``: the layer family (:mod:`.operations`; None = ``torch.nn``), as ComfyUI's
+    ``UNetModel`` takes it. Every weight is used through its layer's ``forward`` (the zero convs
+    too), so a family that casts weights per call (ComfyUI's lowvram load) sees every use.
     """
 
-    def __init__(self, config: CopyUNetConfig | None = None):
+    def __init__(self, config: CopyUNetConfig | None = None, operations=None):
         super().__init__()
         cfg = config or CopyUNetConfig.sd15()
+        ops = check_operations(operations)
         self.config = cfg
+        self.operations = ops
         mc, ted = cfg.model_channels, cfg.time_embed_dim
         ch = cfg.level_channels
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
-        self.levels = nn.ModuleList([_Level(mc, ch[0], cfg), _Level(ch[0], ch[1], cfg),
-                                     _Level(ch[1], ch[2], cfg)])
-        self.downs = nn.ModuleList([Downsample(ch[0]), Downsample(ch[1]), Downsample(ch[2])])
-        self.middle = _Level(ch[2], ch[3], cfg)
+        self.time_embed = nn.Sequential(ops.Linear(mc, ted), nn.SiLU(), ops.Linear(ted, ted))
+        self.conv_in = ops.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.levels = nn.ModuleList([_Level(mc, ch[0], cfg, ops), _Level(ch[0], ch[1], cfg, ops),
+                                     _Level(ch[1], ch[2], cfg, ops)])
+        self.downs = nn.ModuleList([Downsample(ch[0], ops), Downsample(ch[1], ops), Downsample(ch[2], ops)])
+        self.middle = _Level(ch[2], ch[3], cfg, ops)
         self.layer_map = layer_map(cfg)
-        self.zero_convs = nn.ModuleDict({e["key"]: _zero_conv(e["channels"])
+        self.zero_convs = nn.ModuleDict({e["key"]: _zero_conv(e["channels"], ops)
                                          for e in self.layer_map})
         #: Speed switch (exact within float rounding; tests/unit/test_speed_equivalence.py): compute
         #: the context-free start of the copy once per distinct row of a CFG batch.
         self.share_cfg_rows = True
 
     def level_features(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                       ref: torch.Tensor | None = None, return_attn_map: bool = False):
+                       ref: torch.Tensor | None = None, return_attn_map: bool = False,
+                       dtype: torch.dtype | None = None):
         """``F_level(x_t + I'', c, t)`` for the 4 levels: list of [B, C_l, h_l, w_l] (before the
-        zero convs); with ``return_attn_map`` also the level-0 attn2 map [B, h*w, tokens]."""
+        zero convs); with ``return_attn_map`` also the level-0 attn2 map [B, h*w, tokens].
+        ``dtype``: the compute dtype (None = the weights'; another one needs a casting layer family)."""
         cfg = self.config
         if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
             raise ModelMismatchError("latent", f"expected [B, {cfg.in_channels}, h, w], got "
@@ -445,7 +458,7 @@ class P3SCopyUNet(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=x_t.device).reshape(-1)
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(b)
-        dtype = self.conv_in.weight.dtype
+        dtype = dtype or self.conv_in.weight.dtype
         rows = distinct_rows(x_t, timesteps) if self.share_cfg_rows else None
         inv = None
         if rows is not None:  # the context-free start once per distinct row
@@ -473,27 +486,22 @@ class P3SCopyUNet(nn.Module):
         return (feats, amap) if return_attn_map else feats
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                ref: torch.Tensor | None = None, return_attn_map: bool = False
-                ) -> dict[str, torch.Tensor]:
+                ref: torch.Tensor | None = None, return_attn_map: bool = False,
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Eq. 6 for all 16 layers. ``x_t`` [B,4,h,w], ``timesteps`` [B] (0..999, float),
         ``context`` [B,77,768], ``ref`` = I'' [B,4,h,w] (already at x_t's size; None = no
         reference). Returns ``{key: [B, h_l*w_l, C_l]}``; with ``return_attn_map`` the dict also
         holds ``ATTN_MAP_KEY`` -> the level-0 transformer's attn2 probabilities averaged over heads
         [B, h*w, 77]. That copy layer (320 wide, full latent resolution) is the counterpart of the
         original UNet's LAST cross-attention layer (``output_blocks.11``), used by the attention
-        consistency loss (Eq. 11-13)."""
-        res = self.level_features(x_t, timesteps, context, ref, return_attn_map)
+        consistency loss (Eq. 11-13). ``dtype``: see :meth:`level_features`."""
+        res = self.level_features(x_t, timesteps, context, ref, return_attn_map, dtype)
         feats, amap = res if return_attn_map else (res, None)
         out: dict[str, torch.Tensor] = {}
-        tokens: dict[int, torch.Tensor] = {}
         for e in self.layer_map:
-            # Z_i, a 1x1 conv, as a linear map on the level's tokens (computed once per level):
-            # the same arithmetic, with [B, h*w, C] outputs already in ComfyUI's token layout.
-            lvl = e["level"]
-            if lvl not in tokens:
-                tokens[lvl] = feats[lvl].flatten(2).transpose(1, 2).contiguous()
-            conv = self.zero_convs[e["key"]]
-            out[e["key"]] = F.linear(tokens[lvl], conv.weight.flatten(1), conv.bias)
+            # Z_i, the 1x1 conv, called as a layer (its family may cast its weight), as tokens
+            # [B, h*w, C] in ComfyUI's layout (a transposed view).
+            out[e["key"]] = self.zero_convs[e["key"]](feats[e["level"]]).flatten(2).transpose(1, 2)
         if return_attn_map:
             out[ATTN_MAP_KEY] = amap
         return out

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ImageInputError
+from .operations import check_operations
 
 __all__ = ["RNGREncoder", "prepare_reference", "fit_reference", "fitted_size", "aspects_differ",
            "check_reference_index", "REFERENCE_MODES"]
@@ -36,30 +37,35 @@ class RNGREncoder(nn.Module):
     """Eq. 4-5: ``forward(ref_latent [N,C,h,w], clip_hidden [N,S,clip_dim]) -> I'' [N,C,h,w]``.
 
     Submodules (tensor names in the adapter file): ``zero_conv`` (Z), ``to_q`` (W_Q),
-    ``to_k`` (W_K), ``to_v`` (W_V).
+    ``to_k`` (W_K), ``to_v`` (W_V). ``operations``: the layer family (:mod:`.operations`; None =
+    ``torch.nn``).
     """
 
-    def __init__(self, latent_channels: int = 4, clip_dim: int = 1024, inner_dim: int = 64):
+    def __init__(self, latent_channels: int = 4, clip_dim: int = 1024, inner_dim: int = 64, operations=None):
         super().__init__()
+        ops = check_operations(operations)
         self.latent_channels = int(latent_channels)
         self.clip_dim = int(clip_dim)
         self.inner_dim = int(inner_dim)
-        self.zero_conv = nn.Conv2d(self.latent_channels, self.latent_channels, kernel_size=1)
+        self.zero_conv = ops.Conv2d(self.latent_channels, self.latent_channels, kernel_size=1)
         nn.init.zeros_(self.zero_conv.weight)
         nn.init.zeros_(self.zero_conv.bias)
-        self.to_q = nn.Linear(self.latent_channels, self.inner_dim, bias=False)
-        self.to_k = nn.Linear(self.clip_dim, self.inner_dim, bias=False)
-        self.to_v = nn.Linear(self.clip_dim, self.latent_channels, bias=False)
+        self.to_q = ops.Linear(self.latent_channels, self.inner_dim, bias=False)
+        self.to_k = ops.Linear(self.clip_dim, self.inner_dim, bias=False)
+        self.to_v = ops.Linear(self.clip_dim, self.latent_channels, bias=False)
 
     def config(self) -> dict:
         """JSON-serialisable constructor arguments."""
         return {"latent_channels": self.latent_channels, "clip_dim": self.clip_dim,
                 "inner_dim": self.inner_dim}
 
-    def forward(self, ref_latent: torch.Tensor, clip_hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, ref_latent: torch.Tensor, clip_hidden: torch.Tensor,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """Return ``I'' = I' + softmax(W_Q Z(I') (W_K c_s)^T / sqrt(d)) W_V c_s`` (Eq. 4-5).
 
-        ``clip_hidden`` may have batch 1 (one set of CLIP tokens shared by all latents).
+        ``clip_hidden`` may have batch 1 (one set of CLIP tokens shared by all latents). ``dtype``:
+        the compute dtype (None = the weights'; another one needs a casting layer family); the
+        result has ``ref_latent``'s dtype.
         """
         if ref_latent.ndim != 4 or ref_latent.shape[1] != self.latent_channels:
             raise ImageInputError(
@@ -75,12 +81,13 @@ class RNGREncoder(nn.Module):
             raise ImageInputError(
                 "clip_vision_output", f"{clip_hidden.shape[0]} CLIP encodings for {n} reference "
                 "latents", "encode the same reference images with CLIP vision and the VAE")
-        clip_hidden = clip_hidden.to(dtype=self.to_k.weight.dtype).expand(n, -1, -1)
-        z = self.zero_conv(ref_latent.to(self.zero_conv.weight.dtype))
+        dtype = dtype or self.to_k.weight.dtype
+        clip_hidden = clip_hidden.to(dtype=dtype).expand(n, -1, -1)
+        z = self.zero_conv(ref_latent.to(dtype))
         q = self.to_q(z.flatten(2).transpose(1, 2))              # [N, h*w, d]
         k = self.to_k(clip_hidden)                               # [N, S, d]
         v = self.to_v(clip_hidden)                               # [N, S, C]
-        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.inner_dim), dim=-1)
+        attn = torch.softmax((q @ k.transpose(1, 2)).float() / math.sqrt(self.inner_dim), dim=-1).to(v.dtype)
         out = (attn @ v).transpose(1, 2).reshape(n, c, h, w)
         return ref_latent + out.to(ref_latent.dtype)
 

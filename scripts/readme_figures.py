@@ -183,7 +183,8 @@ def render_gpu(name: str, result: dict) -> str:
              f"ComfyUI {facts.get('comfyui') or '–'}; random weights of the exact SD1.5 / CLIP ViT-L/14 / "
              f"ControlNet shapes; {st['size']}², {st['sampler']} ({st['scheduler']}), {st['steps']} steps, "
              f"CFG {st['cfg']:g}, UNet {st['unet_dtype']}" + (f" (ComfyUI: weight dtype {dtype})" if dtype else "")
-             + f"; P3S: {st['p3s']}; ControlNet: {st['controlnet']}.", ""]
+             + f"; P3S: {st['p3s']}; ControlNet: {st['controlnet']}."
+             + (f" Pack: {result['how']['pack']}." if result.get("how", {}).get("pack") else ""), ""]
     modes = [md for md in GPU_MODES if md in result.get("sampling", {})]
     if modes:
         rounds = {md: len(result["sampling"][md].get("rounds", [])) for md in modes}

@@ -4,6 +4,7 @@
 #   scripts/test.sh -m "not slow"            # the fast subset (no ComfyUI), about a minute
 #   scripts/test.sh --comfyui DIR|FILE.tar.gz  # every ComfyUI-dependent test (in process, server, browser)
 #                                            # against another ComfyUI: your own install or a source archive
+#   scripts/test.sh ... --frontend 1.58.1     # that comfyui-frontend-package instead of the pinned one
 # Extra arguments go to pytest; any selection runs in the same two sessions as the whole suite.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"

@@ -182,6 +182,10 @@ def page(request, browser, server):
     pg.goto(server.url, wait_until="domcontentloaded", timeout=120_000)
     pg.wait_for_function(PAGE_READY, timeout=120_000)
     assert pg.evaluate("() => LiteGraph.vueNodesMode === true") == (display == "vue"), display
+    # The frontend in the page is the one scripts/setup.sh installed (the pinned --frontend, if any).
+    want = os.environ.get("P3S_FRONTEND_VERSION")
+    if want and want != "unknown":
+        assert pg.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__") == want
     try:
         yield pg
     finally:

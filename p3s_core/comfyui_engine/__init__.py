@@ -24,6 +24,14 @@ Every ComfyUI API this pack relies on, all present in 0.3.75 and 0.33 (look here
   transformer_options, **kwargs)`` where ``x`` is the UNet input and ``timesteps`` the 0..999 index;
 - ``comfy.model_patcher.ModelPatcher`` / ``CoreModelPatcher`` (0.33: ``ModelPatcherDynamic`` under
   Dynamic VRAM) and ``comfy.model_management`` to load the adapter;
+- ``comfy.ops.manual_cast`` (``Linear``, ``Conv2d``, ``GroupNorm``, ``LayerNorm``: torch.nn
+  subclasses with torch.nn's constructor arguments, no weight init, ``comfy_cast_weights``: weight
+  and bias cast to the input's dtype and device per call) for the adapter's twin
+  (:func:`.adapter_loading.comfy_twin`), whose parameters come from ``load_state_dict(assign=True)``;
+  ``ModelPatcher.load(device, lowvram_model_memory=...)`` casting the layers that do not fit per call
+  (``comfy_cast_weights`` set, weights left on the offload device);
+- the DIFFUSION_MODEL wrapper's ``x`` in the UNet's compute dtype (``BaseModel._apply_model`` casts
+  it to ``manual_cast_dtype`` or the weights' dtype): the copy's default compute dtype;
 - ``VAE.encode``, ``model.model.process_latent_in``, ``CLIPVision.encode_image``;
 - ``transformer_options["optimized_attention_override"]`` called as ``fn(func, q, k, v, heads,
   **kwargs)`` by ComfyUI's ``wrap_attn`` around every attention kernel (``func`` the kernel it
@@ -59,23 +67,23 @@ Training (:mod:`.training_inputs`, :mod:`.frozen_unet`, :mod:`.training_step`, :
 """
 from __future__ import annotations
 
-from .adapter_loading import adapter_patcher, adapter_patcher_class, base_unet_state_dict
+from .adapter_loading import adapter_patcher, adapter_patcher_class, base_unet_state_dict, comfy_operations, comfy_twin
 from .attention_route import ExtendedAttentionRoute, describe_patch
 from .checks import CLIP_VIT_L, check_clip_vit_l, check_eps_prediction, check_sd15, check_vae_sd15
 from .frozen_unet import (base_unet_copy_bytes, checkpointing_pays, enable_gradient_checkpointing, frozen_unet_copy,
                           frozen_unet_dtype, original_weight, patched_weight)
-from .injector import APPLY_TO, KV_SLOTS, LEVEL0_KEYS, P3SInjectorPatch, apply_injector
+from .injector import APPLY_TO, COPY_PRECISIONS, KV_SLOTS, LEVEL0_KEYS, P3SInjectorPatch, apply_injector
 from .reference import clip_patch_tokens, encode_reference, letterboxed_batch
 from .training import loss_parts, new_training_adapter, plot_parts, run_training, stored_reference
 from .training_inputs import cache_inputs, encode_prompt
 from .training_step import LAST_CROSS_ATTENTION, PRECISIONS, OriginalAttentionCapture, StepContext, build_step_fn
 
 __all__ = [
-    "APPLY_TO", "CLIP_VIT_L", "KV_SLOTS", "LAST_CROSS_ATTENTION", "LEVEL0_KEYS", "PRECISIONS",
+    "APPLY_TO", "CLIP_VIT_L", "COPY_PRECISIONS", "KV_SLOTS", "LAST_CROSS_ATTENTION", "LEVEL0_KEYS", "PRECISIONS",
     "ExtendedAttentionRoute", "OriginalAttentionCapture", "P3SInjectorPatch", "StepContext",
     "adapter_patcher", "adapter_patcher_class", "apply_injector", "base_unet_copy_bytes", "base_unet_state_dict",
     "build_step_fn", "cache_inputs", "check_clip_vit_l", "check_eps_prediction", "check_sd15", "check_vae_sd15",
-    "checkpointing_pays", "clip_patch_tokens", "describe_patch", "enable_gradient_checkpointing", "encode_prompt",
+    "checkpointing_pays", "clip_patch_tokens", "comfy_operations", "comfy_twin", "describe_patch", "enable_gradient_checkpointing", "encode_prompt",
     "encode_reference", "frozen_unet_copy", "frozen_unet_dtype", "letterboxed_batch", "loss_parts",
     "new_training_adapter", "original_weight", "patched_weight", "plot_parts", "run_training", "stored_reference",
 ]

@@ -10,7 +10,7 @@ from ..copy_unet import LAYER_MAP, layer_key
 from ..errors import ModelMismatchError
 from ..injection import DEFAULT_LAMBDA, append_kv_slot, injected_context_value, pooled_tokens, resize_tokens
 from ..region import Region
-from .adapter_loading import adapter_patcher
+from .adapter_loading import adapter_patcher, comfy_twin
 from .attention_route import ExtendedAttentionRoute, describe_patch
 from .checks import check_sd15
 from .region_patch import RegionalInjection, RegionRun
@@ -59,6 +59,13 @@ def _other_attn1_patches(transformer_options) -> tuple:
 #: attention cost; the value's ``z + lam f`` keeps every token). Not the paper's; measured in the benchmark.
 LEVEL0_KEYS = ("all (exact)", "pooled 2x2 (faster)")
 
+#: The copy's and encoder's compute dtype (issue 21): by default the dtype the UNet computes in (the
+#: dtype of its input, fp16 / bf16 / fp32), or fp32 (weights cast to fp32 per layer; more memory
+#: traffic, slower on GPUs). The node offers these two; the engine also takes "fp16" and "bf16"
+#: (forced, e.g. to measure their effect beside an fp32 UNet).
+COPY_PRECISIONS = ("same as the UNet", "fp32")
+_FORCED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 class P3SInjectorPatch(RegionalInjection):
     """The attn1 patch (Eq. 7-8) and the per-step DIFFUSION_MODEL wrapper (Eq. 6, 9-10) of one adapter.
@@ -68,16 +75,31 @@ class P3SInjectorPatch(RegionalInjection):
     per-run is stored on this object, so clones sharing it stay independent. ``to()`` returns
     ``self`` (ComfyUI would otherwise cast a patch module to the UNet's fp16); the adapter is moved
     by ComfyUI's model management through :meth:`models` / ``set_additional_models``.
+
+    Reference: ``i2`` (I'', ready) or ``reference = (latent I', clip_hidden c_s)``, encoded each
+    step by the encoder (Eq. 4-5) on the step's device in the compute dtype. ``comfy_ops`` (default:
+    True unless ``feature_hook`` is given, i.e. training): the copy and encoder run as their
+    :func:`~.adapter_loading.comfy_twin` (ComfyUI's cast-capable layers) on the UNet input's device
+    in the ``copy_precision`` dtype (:data:`COPY_PRECISIONS`); otherwise the adapter's own layers
+    run on its parameters' device and dtype (training, and the tests that run without ComfyUI).
     """
 
     def __init__(self, adapter, i2: torch.Tensor | None, schedule, lam: float = DEFAULT_LAMBDA,
                  strength: float = 1.0, apply_to: str = "cond and uncond", model_sampling=None,
                  feature_hook=None, reference_index: int = 0, reference_mode: str = "one reference",
-                 region: Region | None = None, level0_keys: str = LEVEL0_KEYS[0]):
+                 region: Region | None = None, level0_keys: str = LEVEL0_KEYS[0], reference=None,
+                 copy_precision: str = COPY_PRECISIONS[0], comfy_ops: bool | None = None):
         from ..encoder import REFERENCE_MODES
 
         if apply_to not in APPLY_TO:
             raise ValueError(f"apply_to must be one of {APPLY_TO}")
+        if copy_precision not in COPY_PRECISIONS and copy_precision not in _FORCED_DTYPES:
+            raise ValueError(f"copy_precision must be one of {COPY_PRECISIONS + tuple(_FORCED_DTYPES)}")
+        if i2 is not None and reference is not None:
+            raise ValueError("give i2 or reference, not both")
+        self.copy_precision = copy_precision
+        self.comfy_ops = feature_hook is None if comfy_ops is None else bool(comfy_ops)
+        self.reference = None if reference is None else tuple(reference)
         if reference_mode not in REFERENCE_MODES:
             raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}")
         if level0_keys not in LEVEL0_KEYS:
@@ -108,11 +130,27 @@ class P3SInjectorPatch(RegionalInjection):
     def to(self, *args, **kwargs):
         return self
 
+    def __deepcopy__(self, memo):
+        """Shared, not copied: ComfyUI 0.3.75's ``clone()`` deep-copies ``model_options`` and with
+        them this patch, which would copy the adapter (718 MB) per clone. Nothing per run is
+        stored here, so sharing is safe (ComfyUI 0.33's ``clone()`` shares patch objects too)."""
+        return self
+
     def models(self):
         return [self.adapter_patcher()]
 
     def adapter_patcher(self):
-        return adapter_patcher(self.adapter)
+        return adapter_patcher(self.compute_adapter())
+
+    def compute_adapter(self):
+        """The module that computes: the adapter's ComfyUI twin, or the adapter (``comfy_ops`` False)."""
+        return comfy_twin(self.adapter) if self.comfy_ops else self.adapter
+
+    def compute_dtype(self, unet_dtype: torch.dtype) -> torch.dtype:
+        """The copy's dtype beside a UNet computing in ``unet_dtype`` (see :data:`COPY_PRECISIONS`)."""
+        if self.copy_precision in _FORCED_DTYPES:
+            return _FORCED_DTYPES[self.copy_precision]
+        return unet_dtype if unet_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
     # the weight of this step ---------------------------------------------------------------------
     def step_weight(self, sigma: float, timestep: float) -> float:
@@ -191,23 +229,35 @@ class P3SInjectorPatch(RegionalInjection):
         ``reference_mode`` "one reference": reference ``reference_index`` only. "average copy
         features": the copy runs once per reference and its features are averaged (N times the
         copy's cost per step). With an ``active`` row mask (``cond only``) the copy runs on the
-        active rows only (no layer reads the others' features); theirs are zeros of the right shape."""
+        active rows only (no layer reads the others' features); theirs are zeros of the right shape.
+        With ``comfy_ops`` everything runs on ``x``'s device (the UNet's) in :meth:`compute_dtype`
+        of ``x``'s dtype (the UNet's compute dtype), timesteps in fp32."""
         from ..encoder import aspects_differ, check_reference_index, prepare_reference
 
-        p = next(self.adapter.parameters())
-        dev, dt = p.device, p.dtype
+        net = self.compute_adapter()
+        if self.comfy_ops:
+            dev, dt = x.device, self.compute_dtype(x.dtype)
+            t_dt = torch.float32
+        else:
+            p = next(net.parameters())
+            dev, dt = p.device, p.dtype
+            t_dt = dt
         want_map = self.feature_hook is not None
         rows = None
         if active is not None and not want_map and not bool(active.all()):
             rows = torch.nonzero(active.to(x.device)).flatten()
             full, x, timesteps, context = x.shape[0], x[rows], timesteps[rows], context[rows]
-        xs, ts, cs = x.to(dev, dt), timesteps.to(dev, dt), context.to(dev, dt)
-        if self.i2 is None:
-            out = self.adapter.copy(xs, ts, cs, None, return_attn_map=want_map)
+        xs, ts, cs = x.to(dev, dt), timesteps.to(dev, t_dt), context.to(dev, dt)
+        i2 = self.i2
+        if self.reference is not None:  # Eq. 4-5 on this step's device, in the compute dtype
+            latent, hidden = self.reference
+            i2 = net.encode_reference(latent.to(dev, dt), hidden.to(dev, dt), dtype=dt)
+        if i2 is None:
+            out = net.copy(xs, ts, cs, None, return_attn_map=want_map, dtype=dt)
         else:
             size = tuple(x.shape[-2:])
-            self._warn_aspect(aspects_differ, size)
-            i2 = self.i2.to(dev, dt)
+            self._warn_aspect(aspects_differ, size, tuple(i2.shape[-2:]))
+            i2 = i2.to(dev, dt)
             if self.reference_mode == "one reference":
                 indices = [check_reference_index(self.reference_index, int(i2.shape[0]))]
             else:
@@ -215,7 +265,7 @@ class P3SInjectorPatch(RegionalInjection):
             out = None
             for i in indices:
                 ref = prepare_reference(i2, x.shape[0], size, index=i)
-                one = self.adapter.copy(xs, ts, cs, ref, return_attn_map=want_map)
+                one = net.copy(xs, ts, cs, ref, return_attn_map=want_map, dtype=dt)
                 if out is None:
                     out = dict(one)
                 else:
@@ -230,12 +280,11 @@ class P3SInjectorPatch(RegionalInjection):
                    for key, f in out.items()}
         return out
 
-    def _warn_aspect(self, aspects_differ, size) -> None:
+    def _warn_aspect(self, aspects_differ, size, ref_hw) -> None:
         """Log once per generation size when a reference's aspect ratio differs from the latent's."""
         if size in self._warned_sizes:
             return
         self._warned_sizes.add(size)
-        ref_hw = tuple(self.i2.shape[-2:])
         if aspects_differ(ref_hw, size):
             import logging
 
@@ -319,8 +368,9 @@ class P3SInjectorPatch(RegionalInjection):
 def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.0,
                    apply_to="cond and uncond", feature_hook=None, reference_index=0,
                    reference_mode="one reference", region: Region | None = None,
-                   level0_keys: str = LEVEL0_KEYS[0]):
-    """A ``model.clone()`` with the P3S attn1 patch and per-step wrapper installed (chaining-safe)."""
+                   level0_keys: str = LEVEL0_KEYS[0], reference=None, copy_precision: str = COPY_PRECISIONS[0]):
+    """A ``model.clone()`` with the P3S attn1 patch and per-step wrapper installed (chaining-safe).
+    ``reference``, ``copy_precision``: see :class:`P3SInjectorPatch`."""
     import comfy.patcher_extension as pe
 
     check_sd15(model)
@@ -328,7 +378,8 @@ def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.
     patch = P3SInjectorPatch(adapter, i2, schedule, lam=lam, strength=strength, apply_to=apply_to,
                              model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook,
                              reference_index=reference_index, reference_mode=reference_mode,
-                             region=region, level0_keys=level0_keys)
+                             region=region, level0_keys=level0_keys, reference=reference,
+                             copy_precision=copy_precision)
     if patch.strength == 0.0 and feature_hook is None:
         # Speed: weight 0 everywhere is the plain model; install nothing (no per-layer patch
         # call, no wrapper, the adapter is not loaded with the model).

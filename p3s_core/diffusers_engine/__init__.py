@@ -42,7 +42,7 @@ only, LDM <-> diffusers names), :mod:`.pipeline` (reference encoding, :func:`gen
 """
 from __future__ import annotations
 
-from .attention import APPLY_TO, CrossAttentionCapture, P3SAttnProcessor, P3SDiffusersInjector
+from .attention import APPLY_TO, COPY_PRECISIONS, CrossAttentionCapture, P3SAttnProcessor, P3SDiffusersInjector
 from .layers import DIFFUSERS_LAYER_KEYS, LAST_CROSS_ATTENTION, check_unet_sd15
 from .loading import (CONFIG_DIR, ModelLoadError, copy_config_for, find_tokenizer, ldm_state_from_diffusers,
                       load_pipeline, load_unet, new_adapter_for_unet)
@@ -50,7 +50,7 @@ from .pipeline import encode_reference, generate
 from .training import build_step_fn
 
 __all__ = [
-    "APPLY_TO", "CONFIG_DIR", "DIFFUSERS_LAYER_KEYS", "LAST_CROSS_ATTENTION", "ModelLoadError",
+    "APPLY_TO", "CONFIG_DIR", "COPY_PRECISIONS", "DIFFUSERS_LAYER_KEYS", "LAST_CROSS_ATTENTION", "ModelLoadError",
     "P3SAttnProcessor", "CrossAttentionCapture", "P3SDiffusersInjector", "check_unet_sd15", "load_unet",
     "load_pipeline", "find_tokenizer", "ldm_state_from_diffusers", "new_adapter_for_unet", "copy_config_for",
     "encode_reference", "build_step_fn", "generate",

@@ -13,6 +13,10 @@ from ..injection import DEFAULT_LAMBDA, injected_context_value
 from .layers import DIFFUSERS_LAYER_KEYS, check_unet_sd15
 
 APPLY_TO = ("cond and uncond", "cond only")
+#: The copy's compute dtype, as the Condition Injector's ``copy_precision``: the UNet's dtype (default)
+#: or fp32; "fp16" / "bf16" force one (e.g. to measure them beside an fp32 UNet).
+COPY_PRECISIONS = ("same as the UNet", "fp32")
+_FORCED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # --- attention processors ------------------------------------------------------------------------
@@ -110,13 +114,21 @@ class P3SDiffusersInjector:
     and injects its 16 features (Eq. 7-8) with weight ``schedule(t) * strength`` (Eq. 9-10; no
     schedule = ``strength``). ``lam`` defaults to the adapter's. ``feature_hook(out)`` sees the
     copy's output (training reads the attention map there).
+
+    ``copy_precision`` (:data:`COPY_PRECISIONS`): without a ``feature_hook`` the copy (and I'' when
+    given in another dtype) computes in the UNet's dtype by default, or in fp32, on the sample's
+    device: it runs as the adapter's :class:`~p3s_core.operations.CastOps` twin (same parameters,
+    weights cast per layer), so an fp32 adapter beside an fp16 UNet computes in fp16 with no second
+    copy of its weights. With a ``feature_hook`` (training) the adapter's own layers run on its
+    parameters' device and dtype.
     """
 
     def __init__(self, unet, adapter, i2: torch.Tensor | None = None, schedule=None,
                  lam: float | None = None, strength: float = 1.0,
                  apply_to: str = "cond and uncond", num_train_timesteps: int = 1000,
                  cfg_batch: bool = False, feature_hook: Callable | None = None,
-                 reference_index: int = 0, reference_mode: str = "one reference"):
+                 reference_index: int = 0, reference_mode: str = "one reference",
+                 copy_precision: str = COPY_PRECISIONS[0]):
         from ..encoder import REFERENCE_MODES, check_reference_index
 
         if reference_mode not in REFERENCE_MODES:
@@ -127,6 +139,9 @@ class P3SDiffusersInjector:
         if apply_to not in APPLY_TO:
             raise P3SError("apply_to", f"{apply_to!r} is not one of {APPLY_TO}",
                            "use 'cond and uncond' (default) or 'cond only'")
+        if copy_precision not in COPY_PRECISIONS and copy_precision not in _FORCED_DTYPES:
+            raise P3SError("copy_precision", f"{copy_precision!r} is not one of {COPY_PRECISIONS}",
+                           "use 'same as the UNet' (default) or 'fp32'")
         if not (isinstance(strength, (int, float)) and math.isfinite(float(strength))
                 and float(strength) >= 0):
             raise P3SError("strength", f"{strength!r} is not a finite number >= 0",
@@ -141,6 +156,8 @@ class P3SDiffusersInjector:
         self.cfg_batch = cfg_batch
         self.feature_hook = feature_hook
         self.reference_index, self.reference_mode = int(reference_index), reference_mode
+        self.copy_precision = copy_precision
+        self._twin = None
         self.bank: dict | None = None
         self._saved = None
         self._handles: list = []
@@ -169,25 +186,38 @@ class P3SDiffusersInjector:
         half = batch // 2
         return torch.tensor([False] * half + [True] * (batch - half))
 
+    def compute_dtype(self, sample_dtype: torch.dtype) -> torch.dtype:
+        """The copy's dtype (see :data:`COPY_PRECISIONS`): the UNet's unless fp32 (or a forced one)."""
+        if self.copy_precision in _FORCED_DTYPES:
+            return _FORCED_DTYPES[self.copy_precision]
+        dt = getattr(self.unet, "dtype", None) or sample_dtype
+        return dt if dt in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
     def copy_features(self, sample, timestep, context):
         """Eq. 6 once per UNet call: the copy on ``x_t + I''``, I'' fitted to x_t's grid without
         stretching. As the Condition Injector: ``reference_mode`` "one reference" uses reference
         ``reference_index``; "average copy features" runs the copy once per reference and averages."""
         from ..encoder import prepare_reference
+        from ..operations import CastOps
 
-        p = next(self.adapter.parameters())
-        dev, dt = p.device, p.dtype
-        ts = torch.as_tensor(timestep, device=dev).reshape(-1).to(dt)
+        if self.feature_hook is None:  # inference: the CastOps twin, in the compute dtype
+            if self._twin is None:
+                self._twin = self.adapter.with_operations(CastOps)
+            net, dev, dt, t_dt = self._twin, sample.device, self.compute_dtype(sample.dtype), torch.float32
+        else:  # training: the adapter's own layers, device and dtype
+            p = next(self.adapter.parameters())
+            net, dev, dt = self.adapter, p.device, p.dtype
+            t_dt = dt
+        ts = torch.as_tensor(timestep, device=dev).reshape(-1).to(t_dt)
         xs, cs = sample.to(dev, dt), context.to(dev, dt)
         want_map = self.feature_hook is not None
         if self.i2 is None:
-            out = self.adapter.copy(xs, ts, cs, None, return_attn_map=want_map)
+            out = net.copy(xs, ts, cs, None, return_attn_map=want_map, dtype=dt)
         else:
             i2 = self.i2.to(dev, dt)
             indices = [self.reference_index] if self.reference_mode == "one reference" else range(int(i2.shape[0]))
-            outs = [self.adapter.copy(xs, ts, cs, prepare_reference(i2, sample.shape[0], tuple(sample.shape[-2:]),
-                                                                    index=k), return_attn_map=want_map)
-                    for k in indices]
+            outs = [net.copy(xs, ts, cs, prepare_reference(i2, sample.shape[0], tuple(sample.shape[-2:]), index=k),
+                             return_attn_map=want_map, dtype=dt) for k in indices]
             out = outs[0] if len(outs) == 1 else {key: sum(o[key] for o in outs) / len(outs) for key in outs[0]}
         if self.feature_hook is not None:
             self.feature_hook(out)

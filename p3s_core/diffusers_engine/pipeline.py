@@ -43,17 +43,18 @@ def generate(pipe, adapter, i2, prompts, negative_prompt: str = "", steps: int =
              strength: float = 1.0, apply_to: str = "cond and uncond", seed: int = 0,
              height: int = 512, width: int = 512, num_images_per_prompt: int = 1,
              control_image=None, progress: bool = True, reference_index: int = 0,
-             reference_mode: str = "one reference"):
+             reference_mode: str = "one reference", copy_precision: str = "same as the UNet"):
     """Images (a list of PIL images per prompt) from ``pipe`` with P3S (DDIM 50, CFG 7.5 by
     default). One ``torch.Generator`` seeded with ``seed + prompt index`` per prompt. ``i2``: the
-    references' I'' [N, 4, h, w]; ``reference_index`` / ``reference_mode`` as on the Condition Injector."""
+    references' I'' [N, 4, h, w]; ``reference_index`` / ``reference_mode`` as on the Condition Injector;
+    ``copy_precision``: see :class:`P3SDiffusersInjector`."""
     pipe.set_progress_bar_config(disable=not progress)
     n_t = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
     out = []
     with P3SDiffusersInjector(pipe.unet, adapter, i2, schedule, lam=lam, strength=strength,
                               apply_to=apply_to, num_train_timesteps=n_t,
                               cfg_batch=guidance_scale > 1.0, reference_index=reference_index,
-                              reference_mode=reference_mode):
+                              reference_mode=reference_mode, copy_precision=copy_precision):
         for i, prompt in enumerate(prompts):
             g = torch.Generator().manual_seed(int(seed) + i)
             kw = dict(prompt=prompt, negative_prompt=negative_prompt or None,

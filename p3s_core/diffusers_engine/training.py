@@ -47,7 +47,8 @@ def training_betas(cfg: Mapping[str, Any]) -> torch.Tensor:
 def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] | None = None,
                   device=None, detach_original: bool = True, precision=None):
     """The training step of :func:`p3s_core.train.train_adapter` on a diffusers UNet:
-    ``step_fn(adapter, x0, context, clip_hidden, generator, mask=None) -> (L_LDM, L_ac)``.
+    ``step_fn(adapter, x0, context, clip_hidden, generator, mask=None, ref_latent=None,
+    ref_clip_hidden=None) -> (L_LDM, L_ac)`` (``ref_*``: ``reference_pairing="other photo"``).
 
     Same draws and maths as the ComfyUI trainer (``comfyui_engine.training_step.build_step_fn``): ``t ~
     U{0..999}`` then ``noise ~ N(0, I)`` from the generator, ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t)
@@ -94,7 +95,8 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
         closers.append(lambda: hooks.__exit__(None, None, None))
     bg = float(settings.mask_background_weight)
 
-    def step_fn(adapter_, x0, context, clip_hidden, generator, mask=None):
+    def step_fn(adapter_, x0, context, clip_hidden, generator, mask=None, ref_latent=None,
+                ref_clip_hidden=None):
         if adapter_ is not adapter:
             raise TrainingConfigError("adapter", "the step function was built for another adapter",
                                       "build the step function with the adapter being trained")
@@ -107,7 +109,13 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
         copy_out.clear()
         copy_maps.clear()
         p = next(adapter.parameters())
-        inj.i2 = adapter.encode_reference(x0.to(p.device, p.dtype), clip_hidden.to(p.device, p.dtype))
+        ref_lat, ref_hid = x0, clip_hidden  # the paper: the photo is its own reference I'
+        if ref_latent is not None:  # reference_pairing "other photo", as the ComfyUI step
+            from ..encoder import fit_reference
+
+            ref_lat = fit_reference(ref_latent.to(device), tuple(x0.shape[-2:]))
+            ref_hid = ref_clip_hidden if ref_clip_hidden is not None else clip_hidden
+        inj.i2 = adapter.encode_reference(ref_lat.to(p.device, p.dtype), ref_hid.to(p.device, p.dtype))
         try:
             with precision.autocast():
                 eps = unet(xt.to(unet_dtype), t.to(device),

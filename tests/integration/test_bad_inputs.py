@@ -534,10 +534,11 @@ def test_injector_schedule_not_a_schedule(comfy, inject_args):
 
 @pytest.mark.parametrize("name,value,problem", [("reference_index", 64, "outside [0, 63]"),
                                                 ("reference_mode", "average latents", "not one of the options"),
-                                                ("level0_keys", "pooled", "not one of the options")])
+                                                ("level0_keys", "pooled", "not one of the options"),
+                                                ("copy_precision", "fp8", "not one of the options")])
 def test_injector_reference_setting_out_of_range(comfy, inject_args, name, value, problem):
     fix = {"reference_index": "from 0 to 0", "reference_mode": "'average copy features'",
-           "level0_keys": "'pooled 2x2 (faster)'"}[name]
+           "level0_keys": "'pooled 2x2 (faster)'", "copy_precision": "'same as the UNet', 'fp32'"}[name]
     with expect(comfy, "SettingError", name, fix, problem):
         inject(comfy, inject_args, **{name: value})
 

@@ -28,7 +28,7 @@ NODES = ["P3SPointSelector", "P3SRNGRMaskInpaint", "P3STimestepWeightScheduler",
 # The inputs beyond the paper's few: folded by the frontend until "Show Advanced".
 ADVANCED = {
     "P3STrainer": {"save_every", "gradient_checkpointing", "ac_reading", "reference_pairing", "reproducible"},
-    "P3SConditionInjector": {"apply_to", "reference_index", "reference_mode", "feather", "level0_keys"},
+    "P3SConditionInjector": {"apply_to", "reference_index", "reference_mode", "feather", "level0_keys", "copy_precision"},
     "P3SRNGRMaskInpaint": {"grow"},
     "P3STimestepWeightScheduler": {"strength", "custom_values"},
 }

@@ -192,6 +192,19 @@ def click_image(page, sel_id, box, x, y, button="left"):
     click(page, sel_id, *screen_of(box, x, y), button=button)
 
 
+def screen_colours(page, box, x, y, r=12):
+    """The page's own pixels (a screenshot) in a (2r)² square around image pixel (x, y) of a selector
+    canvas at ``box``: what the user sees there, whichever element draws it."""
+    cx, cy = screen_of(box, x, y)
+    png = page.screenshot(clip={"x": cx - r, "y": cy - r, "width": 2 * r, "height": 2 * r})
+    with Image.open(io.BytesIO(png)) as im:
+        return list(im.convert("RGB").getdata())
+
+
+def count_close(pixels, colour, tol=40):
+    return sum(close(p, colour, tol) for p in pixels)
+
+
 def click_points(page, sel_id):
     box = canvas_box(page, sel_id)
     click_image(page, sel_id, box, *POS_CLICK)
@@ -259,12 +272,30 @@ def test_picture_shows_before_run_and_clicks_edit_points(page, server):
     assert label == "image 1/1, +1 / -1"
     assert_store_hidden(page, sel)
 
+    # On screen: the red point on the yellow blob, the green one on the blue blob.
+    on_neg, on_pos = screen_colours(page, box, *NEG_CLICK), screen_colours(page, box, *POS_CLICK)
+    assert count_close(on_neg, PREVIEW_RED) >= 20 and count_close(on_pos, PREVIEW_GREEN) >= 20, (on_neg, on_pos)
+
     # Each click is one step of the frontend's undo history.
     page.keyboard.press("Control+z")
     page.wait_for_function("(id) => JSON.parse(app.graph.getNodeById(id).widgets"
                            ".find((w) => w.name === 'points_store').value).images[0].negative.length === 0",
                            arg=sel, timeout=30_000)
     assert_points(state_of(page, sel), [POS_CLICK], [])
+    # What the user sees follows the undo (the node stays where it was): the red point is gone from the
+    # screen, the yellow blob shows there again, the green point is still drawn.
+    deadline = time.time() + 30
+    while True:
+        on_neg = screen_colours(page, box, *NEG_CLICK)
+        if count_close(on_neg, PREVIEW_RED) == 0 or time.time() > deadline:
+            break
+        time.sleep(0.25)
+    on_pos = screen_colours(page, box, *POS_CLICK)
+    assert count_close(on_neg, PREVIEW_RED) == 0, ("the undone red point is still on screen", on_neg)
+    assert count_close(on_neg, YELLOW, 12) >= 200 and count_close(on_pos, PREVIEW_GREEN) >= 20, (on_neg, on_pos)
+    shown = page.evaluate("() => [...document.querySelectorAll('.p3s-point-label')]"
+                          ".filter((e) => e.isConnected && e.offsetParent).map((e) => e.textContent)")
+    assert shown == ["image 1/1, +1 / -0"], shown
     # (the undo rebuilt the node: its new widget shows the restored points; click the negative again)
     page.wait_for_function("(id) => { const s = window.__p3s.pointSelector.getState(id);"
                            " return s && s.label === 'image 1/1, +1 / -0' && s.drawn; }", arg=sel, timeout=30_000)

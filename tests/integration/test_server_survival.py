@@ -487,6 +487,8 @@ REFUSED_400 = {
         injector_graph(reference_mode="average latents"), "value_not_in_list"),
     "`test_injector_reference_setting_out_of_range[level0_keys-…]`": (
         injector_graph(level0_keys="pooled"), "value_not_in_list"),
+    "`test_injector_reference_setting_out_of_range[copy_precision-…]`": (
+        injector_graph(copy_precision="fp8"), "value_not_in_list"),
     "`test_trainer_choice_not_in_list[ac_reading-printed]`": (trainer_graph(ac_reading="printed"), "value_not_in_list"),
     "`test_trainer_choice_not_in_list[reference_pairing-random photo]`": (
         trainer_graph(reference_pairing="random photo"), "value_not_in_list"),

@@ -49,23 +49,23 @@ def test_one_reference_by_index_and_feature_average(adapter):
     x, t, c = _inputs()
     singles = []
     for i in range(3):
-        feats, seen = _copy_inputs(adapter, P3SInjectorPatch(adapter, i2, None, reference_index=i), x, t, c)
+        feats, seen = _copy_inputs(adapter, P3SInjectorPatch(adapter, i2, None, comfy_ops=False, reference_index=i), x, t, c)
         assert len(seen) == 1 and all(torch.equal(row, i2[i]) for row in seen[0])
         singles.append(feats)
-    avg, seen = _copy_inputs(adapter, P3SInjectorPatch(adapter, i2, None, reference_mode="average copy features"),
+    avg, seen = _copy_inputs(adapter, P3SInjectorPatch(adapter, i2, None, comfy_ops=False, reference_mode="average copy features"),
                              x, t, c)
     assert len(seen) == 3  # one copy run per reference
     for k in avg:
         torch.testing.assert_close(avg[k], sum(s[k] for s in singles) / 3, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError):
-        P3SInjectorPatch(adapter, i2, None, reference_mode="latent average")
+        P3SInjectorPatch(adapter, i2, None, comfy_ops=False, reference_mode="latent average")
 
 
 def test_a_wide_reference_is_fitted_not_stretched_and_a_warning_says_so(adapter, caplog):
     g = torch.Generator().manual_seed(4)
     i2 = torch.randn(1, 4, 6, 8, generator=g)  # 4:3, like 512x384
     x, t, c = _inputs(8, 8)
-    patch = P3SInjectorPatch(adapter, i2, None)
+    patch = P3SInjectorPatch(adapter, i2, None, comfy_ops=False)
     with caplog.at_level(logging.WARNING, logger="P3S"):
         _, seen = _copy_inputs(adapter, patch, x, t, c)
         _copy_inputs(adapter, patch, x, t, c)
@@ -73,7 +73,7 @@ def test_a_wide_reference_is_fitted_not_stretched_and_a_warning_says_so(adapter,
     warnings = [r for r in caplog.records if "aspect" in r.getMessage()]
     assert len(warnings) == 1  # once per generation size
     caplog.clear()
-    same = P3SInjectorPatch(adapter, torch.randn(1, 4, 4, 4, generator=g), None)
+    same = P3SInjectorPatch(adapter, torch.randn(1, 4, 4, 4, generator=g), None, comfy_ops=False)
     with caplog.at_level(logging.WARNING, logger="P3S"):
         _copy_inputs(adapter, same, x, t, c)
     assert not [r for r in caplog.records if "aspect" in r.getMessage()]

@@ -112,7 +112,7 @@ def test_copy_on_active_rows_only_gives_the_same_active_features():
             conv.weight.normal_(0, 0.2)
     x, t, ctx, _ = _cfg_batch(1)
     i2 = torch.randn(1, 4, 8, 6)
-    patch = P3SInjectorPatch(adapter, i2, None, apply_to="cond only")
+    patch = P3SInjectorPatch(adapter, i2, None, comfy_ops=False, apply_to="cond only")
     active = patch._active_rows(2, [0, 1])
     assert active.tolist() == [True, False]
     with torch.no_grad():

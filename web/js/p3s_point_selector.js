@@ -12,7 +12,8 @@
 // - Built on the frontend's public extension API only (registerExtension, node lifecycle callbacks,
 //   addDOMWidget, widget value/callback/hidden/options), so it works on the classic canvas of
 //   frontends 1.32 and 1.49 and in 1.49's Vue nodes ("Nodes 2.0"), where the same DOM element is
-//   mounted inside the node. Where the two displays differ, the comments below say which internal.
+//   mounted inside the node, and in frontend 1.58 (classic and Vue nodes). Where the displays differ,
+//   the comments below say which internal.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -182,6 +183,7 @@ class PointSelector {
       borderRadius: "4px", background: "#1b1b1b",
     });
     root.append(bar, canvas);
+    root.__p3sSelector = this; // which selector an element on screen belongs to (see takeOverShownElement)
     this.root = root;
     this.canvas = canvas;
 
@@ -437,8 +439,40 @@ class PointSelector {
     this.drawn = { url: this.urls[this.index], width: W, height: H, s, ox, oy, lw, lh };
   }
 
+  /**
+   * Undo and redo reload the whole graph: every node is made anew (same id), with a new selector and
+   * a new DOM element. The classic canvas mounts the new element. Frontend 1.58's Vue nodes keep the
+   * node's component (same id) and with it the element they mounted first (WidgetDOM mounts once),
+   * so the screen would keep showing the replaced node's selector, frozen in its old state, while
+   * this one (not in the page) holds the restored points. When this node's Vue element shows another
+   * selector's element that no live node owns, this selector's element takes its place.
+   */
+  takeOverShownElement() {
+    if (this.root.isConnected || !this.node.graph) return false;
+    if (app.canvas?.graph && app.canvas.graph !== this.node.graph) return false; // not on screen
+    const id = String(this.node.id);
+    for (const host of document.querySelectorAll("[data-node-id]")) {
+      if (host.getAttribute("data-node-id") !== id) continue;
+      for (const shown of host.querySelectorAll(".p3s-point-selector")) {
+        const owner = shown.__p3sSelector;
+        if (shown === this.root || !owner || owner.isCurrent()) continue;
+        shown.replaceWith(this.root);
+        this.draw();
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /** This selector's node is still the one its graph holds under its id (not replaced, not removed). */
+  isCurrent() {
+    const g = this.node.graph;
+    return !!g && g.getNodeById?.(this.node.id) === this.node;
+  }
+
   /** Called on every graph redraw: follow the source and keep the backing store sharp. */
   onGraphDraw() {
+    this.takeOverShownElement();
     if ((this.store?.value ?? "") !== this.storeText) this.reloadStore(); // set from outside
     this.refreshSource();
     const c = this.canvas;
