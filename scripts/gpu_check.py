@@ -73,7 +73,7 @@ class GpuPeak(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.period = pid, period
         self.peak = self.card_peak = self.samples = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: that name is Thread._stop(), called after a fork
 
     def reset(self):
         self.peak = self.card_peak = 0
@@ -84,7 +84,7 @@ class GpuPeak(threading.Thread):
                               text=True, timeout=10).stdout
 
     def run(self):
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 out = self._smi("--query-compute-apps=pid,used_memory")
                 used = sum(int(m) for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
@@ -96,10 +96,10 @@ class GpuPeak(threading.Thread):
                 self.samples += 1
             except Exception:  # nvidia-smi hiccups: keep sampling
                 pass
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
 
 
 def card_total_mib() -> int | None:
