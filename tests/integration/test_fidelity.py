@@ -54,6 +54,12 @@ def _inject(comfy, sd15, adapter, **kw):
         return comfy.node("P3SConditionInjector")().inject(sd15.model, adapter, **args)[0]
 
 
+def _computing_copy(comfy, adapter):
+    """The copy the Condition Injector runs: that of the adapter's ComfyUI twin (ComfyUI's cast
+    layers sharing the adapter's weights)."""
+    return comfy.core("comfyui_engine").comfy_twin(adapter).copy
+
+
 def _patch_of(comfy, model):
     backend = comfy.core("comfyui_engine")
     attn1 = model.model_options["transformer_options"]["patches"]["attn1_patch"]
@@ -179,7 +185,7 @@ def test_generation_needs_no_photo_and_a_connected_reference_overrides(comfy, sd
     def grab(module, args, kwargs):
         seen.append(args[3].detach().clone())
 
-    handle = active_adapter.copy.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = _computing_copy(comfy, active_adapter).register_forward_pre_hook(grab, with_kwargs=True)
     try:
         stored = _inject(comfy, sd15, active_adapter)
         _ksample(comfy, stored, conds, steps=1)
@@ -369,7 +375,7 @@ def test_default_uses_exactly_the_chosen_reference(comfy, sd15, conds, active_ad
     assert not torch.allclose(singles[0], singles[1], atol=1e-3)
     for index in (0, 1):
         seen = []
-        handle = active_adapter.copy.register_forward_pre_hook(
+        handle = _computing_copy(comfy, active_adapter).register_forward_pre_hook(
             lambda m, a, k: seen.append(a[3].detach().clone()), with_kwargs=True)
         try:
             _ksample(comfy, _inject(comfy, sd15, active_adapter, reference_index=index), conds, steps=1)
@@ -413,8 +419,8 @@ def test_a_landscape_reference_reaches_the_copy_undistorted(comfy, sd15, clip_vi
         i2 = active_adapter.encode_reference(lat, hid)            # [1, 4, 12, 16]
     assert tuple(i2.shape[-2:]) == (12, 16)
     seen = []
-    handle = active_adapter.copy.register_forward_pre_hook(lambda m, a, k: seen.append(a[3].detach().clone()),
-                                                           with_kwargs=True)
+    handle = _computing_copy(comfy, active_adapter).register_forward_pre_hook(
+        lambda m, a, k: seen.append(a[3].detach().clone()), with_kwargs=True)
     big = 128
     try:
         model = _inject(comfy, sd15, active_adapter, reference=wide, vae=sd15.vae, clip_vision=clip_vision)
