@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +32,15 @@ class ToyWorld:
         self.folder = Path(folder)
         self.info = json.loads((self.folder / "build.json").read_text())
         self.tokenizer = W.load_tokenizer(self.folder / "tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(self.folder / "text_encoder").eval().requires_grad_(False)
-        self.vision = CLIPVisionModelWithProjection.from_pretrained(self.folder / "vision").eval().requires_grad_(False)
+        local = dict(local_files_only=True)  # the world's own folders, never a hub
+        self.text_encoder = CLIPTextModel.from_pretrained(self.folder / "text_encoder", **local)
+        self.text_encoder.eval().requires_grad_(False)
+        self.vision = CLIPVisionModelWithProjection.from_pretrained(self.folder / "vision", **local)
+        self.vision.eval().requires_grad_(False)
         self.clip = CLIPModel(CLIPConfig.from_json_file(self.folder / "clip_config.json"))
         self.clip.load_state_dict(load_file(str(self.folder / "clip.safetensors")))
         self.clip.eval().requires_grad_(False)
-        self.unet = UNet2DConditionModel.from_pretrained(self.folder / "unet").eval().requires_grad_(False)
+        self.unet = UNet2DConditionModel.from_pretrained(self.folder / "unet", **local).eval().requires_grad_(False)
         self.vae = W.make_latent_map_class()()
         self.scheduler = DDIMScheduler(**B.SCHEDULER)
         self.evaluator = B.Evaluator()

@@ -94,16 +94,23 @@ def test_train_writes_an_adapter_and_a_config_that_repeats_the_run(models, tmp_p
     assert any(not torch.equal(v, trained[k]) for k, v in init.state_dict().items())
 
 
-def test_generate_writes_images_and_strength_zero_is_the_plain_pipeline(models, tmp_path):
+def _save_active_adapter(models, path, seed):
+    """An adapter for the tiny UNet whose zero convs are non-zero (P3S acts), saved to ``path``."""
     from p3s_core import diffusers_engine as db
 
     unet = db.load_unet(models["model"])
     adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), clip_dim=16)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for conv in adapter.copy.zero_convs.values():
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
-    save_adapter(adapter, tmp_path / "a.safetensors")
+    save_adapter(adapter, path)
+
+
+def test_generate_writes_images_and_strength_zero_is_the_plain_pipeline(models, tmp_path):
+    from p3s_core import diffusers_engine as db
+
+    _save_active_adapter(models, tmp_path / "a.safetensors", seed=1)
     base = ["generate", "--adapter", str(tmp_path / "a.safetensors"), "--reference", str(models["photos"]),
             "--prompt", "a sks dog in the snow", "--prompt", "a red sks dog", "--steps", "2", "--size", "64",
             *_models_args(models)]
@@ -152,12 +159,7 @@ def test_generate_with_a_controlnet_pipeline(models, tmp_path):
 
     unet = db.load_unet(models["model"])
     ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).save_pretrained(tmp_path / "cn")
-    adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), clip_dim=16)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for conv in adapter.copy.zero_convs.values():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
-    save_adapter(adapter, tmp_path / "a.safetensors")
+    _save_active_adapter(models, tmp_path / "a.safetensors", seed=2)
     Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))).save(tmp_path / "edge.png")
     base = ["generate", "--adapter", str(tmp_path / "a.safetensors"), "--reference", str(models["photos"]),
             "--prompt", "a sks dog", "--steps", "2", "--size", "64", "--controlnet", str(tmp_path / "cn"),
@@ -198,15 +200,7 @@ def test_generate_uses_the_chosen_reference_and_never_stretches(models, tmp_path
     stretch to the first photo's grid, photo k really used); 'average copy features' differs from both."""
     import shutil
 
-    from p3s_core import diffusers_engine as db
-
-    unet = db.load_unet(models["model"])
-    adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), clip_dim=16)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for conv in adapter.copy.zero_convs.values():
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
-    save_adapter(adapter, tmp_path / "a.safetensors")
+    _save_active_adapter(models, tmp_path / "a.safetensors", seed=3)
     refs = tmp_path / "refs"
     refs.mkdir()
     wide = np.asarray(Image.open(sorted(models["photos"].iterdir())[1]).convert("RGB").resize((96, 64)))

@@ -473,3 +473,36 @@ def test_property_settings_are_fixed_and_bounded():
                 assert s.derandomize is True and 0 < s.max_examples <= 100, (mod.__name__, name)
                 checked.append(name)
     assert len(checked) >= 5, checked
+
+
+# =========================================================================== no hub downloads
+
+def _hub_calls_without_local_only(source: str) -> list[int]:
+    """Lines of ``*.from_pretrained(...)`` / ``*.from_single_file(...)`` calls that do not pass
+    ``local_files_only=True`` (directly or through a ``**dict(local_files_only=True)``)."""
+    tree = ast.parse(source)
+    local_dicts = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   for t in n.targets if isinstance(t, ast.Name)
+                   and "local_files_only" in ast.unparse(n.value)}
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("from_pretrained", "from_single_file"):
+            ok = any(k.arg == "local_files_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                     for k in node.keywords)
+            ok = ok or any(k.arg is None and isinstance(k.value, ast.Name) and k.value.id in local_dicts
+                           for k in node.keywords)
+            if not ok:
+                bad.append(node.lineno)
+    return bad
+
+
+def test_no_code_can_reach_a_hub_for_weights():
+    assert _hub_calls_without_local_only("m = A.from_pretrained(p)\n") == [1]
+    assert _hub_calls_without_local_only("m = A.from_pretrained(p, local_files_only=False)\n") == [1]
+    assert _hub_calls_without_local_only("m = A.from_single_file(p, local_files_only=True)\n") == []
+    assert _hub_calls_without_local_only("kw = dict(local_files_only=True)\nm = A.from_pretrained(p, **kw)\n") == []
+    files = [p for top in ("p3s_core", "nodes", "scripts", "benchmarks") for p in sorted((REPO / top).rglob("*.py"))]
+    assert len(files) > 40
+    found = [f"{p.relative_to(REPO)}:{line}" for p in files for line in _hub_calls_without_local_only(p.read_text())]
+    assert found == []
