@@ -7,6 +7,9 @@
     $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 64 --epoch-images 5   # + one measured epoch
     # tiny plain-torch models (no ComfyUI, seconds)
     $P3S_VENV/bin/python benchmarks/bench_train.py --tiny --steps 20
+    # the README's peak-RSS figures: one configuration per process, each to its result file
+    $P3S_VENV/bin/python benchmarks/bench_train.py --resolution 256 --checkpointing on \
+        --out benchmarks/results/train_memory_256_on.json
 
 Memory: CUDA -> ``torch.cuda.max_memory_allocated`` (reset per configuration); CPU -> the process's
 peak resident set (``resource.getrusage`` maxrss, which only grows: run one configuration per
@@ -206,10 +209,17 @@ def main(argv=None):
     ap.add_argument("--cpu", action="store_true", help="force ComfyUI's --cpu even with a GPU")
     ap.add_argument("--checkpoint", default=os.environ.get("P3S_BENCH_CHECKPOINT", "p3s_random_sd15.safetensors"))
     ap.add_argument("--clip-vision", default=os.environ.get("P3S_BENCH_CLIP_VISION", "p3s_random_clip_vit_l14.safetensors"))
+    ap.add_argument("--out", default=None, help="also write the rows as a result file (scripts/results_file.py)")
     args = ap.parse_args(argv)
     rows = bench_tiny(args) if args.tiny else bench_comfy(args)
     for r in rows:
         print(json.dumps(r))
+    if args.out:
+        sys.path.insert(0, str(REPO / "scripts"))
+        import results_file
+
+        results_file.write(args.out, {"kind": "train_memory", "rows": rows},
+                           None if argv is None else [sys.argv[0], *argv])
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ and their ratio. Run under the machine-wide lock:
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -75,10 +73,7 @@ def main(argv=None) -> int:
         return out["samples"].float().clone()
 
     steps = {"first step (0 of 50)": 0, "middle step (25 of 50)": 25}
-    result = {"command": "benchmarks/copy_precision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "comfyui": comfyui_version.__version__, "torch": torch.__version__, "device": "cpu",
-              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+    result = {"kind": "copy_precision", "comfyui": comfyui_version.__version__, "device": "cpu",
               "size": args.size, "latent": [lat, lat], "seed": args.seed,
               "setup": "random SD1.5, fp32 UNet; adapter from its UNet, zero convs N(0, 0.05); random stored "
                        "reference; ddim / ddim_uniform, 50 steps, CFG 7.5, batch 1; default P3S schedule (Eq. 10)",
@@ -103,10 +98,9 @@ def main(argv=None) -> int:
               + "; ".join(f"{n}: move max {row[n]['move_max']:.3g} ({100 * row[n]['move_over_effect_max']:.2f} % of "
                           f"the effect), mean {row[n]['move_mean']:.3g} ({100 * row[n]['move_over_effect_mean']:.2f} %)"
                           for n in ("bf16", "fp16")) + f"; seconds {secs}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    import results_file  # date, command line, machine (CPU, cores, torch)
+
+    results_file.write(args.out, result, None if argv is None else [sys.argv[0], *argv])
     return 0
 
 

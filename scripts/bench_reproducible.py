@@ -7,7 +7,8 @@ thread and on torch's default thread count, alternating (forward + backward + Ad
     source scripts/env.sh
     /work/bin/heavy $P3S_VENV/bin/python scripts/bench_reproducible.py --resolution 64 --rounds 3 --steps 3
 
-Prints one JSON line: the median step time per thread count and their ratio.
+Prints one JSON line: the median step time per thread count and their ratio; ``--out FILE`` also
+writes it as a result file (scripts/results_file.py), e.g. ``benchmarks/results/reproducible.json``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and thread count")
     ap.add_argument("--checkpoint", default="p3s_random_sd15.safetensors")
     ap.add_argument("--clip-vision", default="p3s_random_clip_vit_l14.safetensors")
+    ap.add_argument("--out", default=None, help="also write the result file (scripts/results_file.py)")
     args = ap.parse_args(argv)
 
     import torch
@@ -84,6 +86,12 @@ def main(argv=None):
            f"median_step_s_{default}_threads": round(med[default], 3),
            "ratio_1_thread_over_default": round(med[1] / med[default], 3)}
     print(json.dumps(row), flush=True)
+    if args.out:
+        import results_file
+
+        results_file.write(args.out, {"kind": "reproducible", **row, "step_s_1_thread": times[1],
+                                      "step_s_default_threads": times[default]},
+                           None if argv is None else [sys.argv[0], *argv])
     return row
 
 

@@ -3,6 +3,7 @@ machine: one sampler step (CFG batch of 2) of the plain model, of P3S with one r
 with "average copy features" over N references. Interleaved rounds, median; ratios are what carry over.
 
     source scripts/env.sh && /work/bin/heavy $P3S_VENV/bin/python scripts/measure_reference_cost.py --size 256 --refs 3
+    ... --out benchmarks/results/reference_cost.json   # the result file the README's figures come from
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--refs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=None, help="also write the result file (scripts/results_file.py)")
     a = ap.parse_args()
     import torch
 
@@ -73,6 +75,16 @@ def main():
     extra_avg = med[f"average of {a.refs}"] - med["plain"]
     print(f"P3S overhead: one reference +{extra_one:.3f} s/step; average of {a.refs} +{extra_avg:.3f} s/step "
           f"({extra_avg / extra_one:.2f}x the one-reference overhead)")
+    if a.out:
+        import results_file
+
+        results_file.write(a.out, {
+            "kind": "reference_cost", "size": a.size, "refs": a.refs, "rounds": a.rounds, "cfg_batch": 2,
+            "device": "cpu" if not torch.cuda.is_available() else "cuda",
+            "step_s": {k: sorted(v) for k, v in times.items()}, "median_step_s": med,
+            "ratio_to_plain": {k: v / med["plain"] for k, v in med.items()},
+            "overhead_s": {"one reference": extra_one, f"average of {a.refs}": extra_avg},
+            "average_over_one_overhead": extra_avg / extra_one})
 
 
 if __name__ == "__main__":
