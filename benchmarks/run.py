@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import harness  # noqa: E402
+import results_file  # noqa: E402
 
 VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0", "p3s, speed-ups off",
             "p3s, level-0 keys pooled", "p3s region (left half)", "p3s 2 regions (left + right)"]
@@ -50,29 +50,9 @@ def summary(xs):
     return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    import torch
-
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": mem, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}"}
+    """CPU, cores, RAM, torch and its threads, Python, OS (the stamp every result file carries)."""
+    return results_file.machine_facts()
 
 
 # --- the sampling benchmark (one backend, in a child process) ---------------------------------------

@@ -534,7 +534,7 @@ BLOCKS: list[Block] = [
     Block("stored-reference", "README.md", (f"{R}/adapter_size.json",), render_stored_reference,
           "scripts/measure_adapter_size.py --out benchmarks/results/adapter_size.json"),
     Block("copy-precision", "README.md", (f"{R}/adapter_size.json", f"{R}/copy_precision.json"),
-          render_copy_precision, "benchmarks/copy_precision.py"),
+          render_copy_precision, "benchmarks/copy_precision.py and scripts/measure_adapter_size.py"),
     Block("reference-cost", "README.md", (f"{R}/reference_cost.json",), render_reference_cost,
           "scripts/measure_reference_cost.py --size 256 --refs 3 --rounds 2 --out benchmarks/results/reference_cost.json"),
     Block("reproducible", "README.md", (f"{R}/reproducible.json",), render_reproducible,
