@@ -539,7 +539,7 @@ BLOCKS: list[Block] = [
           "scripts/measure_reference_cost.py --size 256 --refs 3 --rounds 2 --out benchmarks/results/reference_cost.json"),
     Block("reproducible", "README.md", (f"{R}/reproducible.json",), render_reproducible,
           "scripts/bench_reproducible.py --resolution 64 --out benchmarks/results/reproducible.json"),
-    Block("train-memory", "README.md", (f"{R}/bench.json",), render_train_memory,
+    Block("train-memory", "README.md", (f"{R}/bench.json", f"{R}/train_memory_*.json"), render_train_memory,
           "benchmarks/bench_train.py --resolution R --checkpointing off|on --out benchmarks/results/train_memory_R_off|on.json"),
     Block("errors", "README.md", (ERRORS_DOC,), render_errors_readme, None),
     Block("errors-counts", ERRORS_DOC, (ERRORS_DOC,), render_errors_doc, None),
