@@ -94,7 +94,7 @@ def render(result: dict) -> str:
     failed = [r for r in result.get("runs", []) if "error" in r]
     if runs:
         h, sep = _head(runs)
-        per_round = all("times" in v for r in runs for v in r["steps_per_variant"].values())
+        per_round = all("times" in v or "ratio_rounds" in v for r in runs for v in r["steps_per_variant"].values())
         how = ("median over rounds of variant / plain of the same round, its spread (min–max over rounds) "
                "beside it, median s/step"
                if per_round else "median s/step")
@@ -114,6 +114,13 @@ def render(result: dict) -> str:
             _row(lines, label if label.startswith("noise") else f"goal: {label}", runs,
                  lambda r, fn=fn: fn(r["goals"]))
         lines.append("")
+        noisy = [r for r in runs if r["goals"].get("weight0_within_3pct") is False]
+        if noisy:
+            lines += ["Noise check failed (" + ", ".join(f"{r['size']}², {BACKENDS.get(r['attention'], r['attention'])}"
+                                                         for r in noisy)
+                      + "): P3S at weight 0 runs the plain model, yet reads outside 0.97–1.03×; the machine was "
+                      "busy with other work during the run, so these ratios cannot be read to ±3 % (see the "
+                      "spreads).", ""]
         eff = [r for r in runs if "output_effects" in r]
         if eff:
             h, sep = _head(eff)
