@@ -143,7 +143,8 @@ def output_effects(nodes, m, size) -> dict:
 
 def bench_steps(nodes, models, size, args):
     """Per-step time of each variant per round (N-step minus 1-step sample, interleaved, the order
-    reversed every other round, a warm-up round discarded) and the ratios to plain with their spread."""
+    reversed every other round, a warm-up round discarded, a sample disturbed by other work on the
+    machine repeated: :func:`timing.measure`) and the ratios to plain with their spread."""
     import contextlib
 
     import torch
@@ -157,30 +158,34 @@ def bench_steps(nodes, models, size, args):
         ctx = _SpeedupsOff(models["adapter"], models["backend"]) if name == "p3s, speed-ups off" \
             else contextlib.nullcontext()
         with ctx:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 sampler.sample(m, 1, steps, 7.5, "ddim", "normal", p, n, latent, denoise=1.0)
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - c0
 
     variants = args.variants
-    if args.warmup:
-        for name in variants:  # the warm-up round (loads, allocations): discarded
-            run(name, 1)
+    # the warm-up round (loads, allocations): discarded; its core shares set the contention floor
+    shares = [timing.core_share(*run(name, 1)) for name in variants]
+    floor = timing.contention_floor(shares) if args.retries else 0.0
     per_round = {name: [] for name in variants}
     raw = []
     for rnd in range(args.reps):
         if rnd >= 3 and args.stop_at and time.time() + round_s > args.stop_at:
             print(f"[bench] --stop-at: {rnd} rounds of {args.reps}", file=sys.stderr, flush=True)
             break
-        t, t0 = {}, time.time()
+        t, got, t0 = {}, {}, time.time()
         for name, steps in timing.round_order(variants, rnd, args.steps):
-            t[name, steps] = run(name, steps)
+            got[name, steps] = timing.measure(lambda: run(name, steps), floor, args.retries)
+            t[name, steps] = got[name, steps]["wall_s"]
         round_s = time.time() - t0
         for name in variants:
             per_round[name].append(timing.per_step(t[name, args.steps], t[name, 1], args.steps))
         raw.append({"order": [name for name, steps in timing.round_order(variants, rnd, args.steps)
                               if steps == args.steps],
-                    "seconds": {f"{name} x{steps}": v for (name, steps), v in t.items()}})
+                    "seconds": {f"{name} x{steps}": v for (name, steps), v in t.items()},
+                    "cores_floor": floor,
+                    "attempts": {f"{name} x{steps}": v["attempts"] for (name, steps), v in got.items()},
+                    "disturbed": [f"{name} x{steps}" for (name, steps), v in got.items() if v["disturbed"]]})
         print(f"[bench] {size}^2 round {rnd + 1}/{args.reps}: " + ", ".join(
             f"{name} {per_round[name][-1]:.3f}" for name in variants) + " s/step", file=sys.stderr, flush=True)
     out = timing.ratio_stats(per_round)
@@ -231,7 +236,6 @@ def child(args):
             Path(args.child_json).write_text(json.dumps(runs))
             continue
         models = prof.build_models(nodes, pack, size)
-        args.warmup = i == 0  # the first size warms up loads and allocations for the process
         t0 = time.time()
         try:
             steps, rounds = bench_steps(nodes, models, size, args)
@@ -369,6 +373,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="timed rounds (after one warm-up round)")
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT",
                     help="the variants to time (plain always): " + "; ".join(VARIANTS))
+    ap.add_argument("--retries", type=int, default=2,
+                    help="repeat a timed sample at most this often while the process got under 85 %% of the "
+                         "warm-up round's best core share (other work on the machine); 0: never")
     ap.add_argument("--profile-reps", type=int, default=2)
     ap.add_argument("--skip-profile", action="store_true",
                     help="no profile; the previous bench.json's profile of the same size is kept, marked")
@@ -408,7 +415,9 @@ def main(argv=None):
               "sizes": args.sizes, "steps": args.steps, "reps": args.reps, "variants": args.variants,
               "method": "per round: each variant's N-step and 1-step sample, interleaved, the order reversed "
                         "every other round, after a discarded warm-up round; s/step = (t_N - t_1) / (N - 1); "
-                        "ratio = median over rounds of variant / plain of the same round",
+                        "ratio = median over rounds of variant / plain of the same round; a sample during which "
+                        "the process got under 85 % of the warm-up's best core share (CPU time / wall time) "
+                        "is repeated, at most --retries times",
               "sampler": "ddim, CFG 7.5, batch 1", "runs": []}
     previous = _previous(args.out / "bench.json")
 
@@ -424,7 +433,7 @@ def main(argv=None):
             child_json = f.name
         cmd = [sys.executable, str(Path(__file__).resolve()), "--attention", backend,
                "--sizes", ",".join(map(str, args.sizes)), "--steps", str(args.steps),
-               "--reps", str(args.reps), "--profile-reps", str(args.profile_reps),
+               "--reps", str(args.reps), "--retries", str(args.retries), "--profile-reps", str(args.profile_reps),
                "--device", args.device, "--child-json", child_json, "--variants", *args.variants]
         cmd += (["--skip-profile"] if args.skip_profile else []) + \
             (["--skip-effects"] if args.skip_effects else []) + \

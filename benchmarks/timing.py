@@ -56,3 +56,29 @@ def weight0_within_band(steps: dict, band: tuple[float, float] = WEIGHT0_BAND) -
     small enough for its ratios to be read to ±3 %."""
     r = steps.get("p3s weight 0", {}).get("ratio_to_plain")
     return r is not None and band[0] <= r <= band[1]
+
+
+def core_share(wall_s: float, cpu_s: float) -> float:
+    """Cores' worth of CPU time the process got during a sample: its CPU time (all threads) over the
+    wall time. Near the thread count when it ran alone; lower when other work took the cores."""
+    return cpu_s / wall_s if wall_s > 0 else 0.0
+
+
+def contention_floor(warmup_shares: list[float], fraction: float = 0.85) -> float:
+    """The core share below which a timed sample counts as disturbed: ``fraction`` of the best share
+    of the warm-up round (the process's own figure on this machine, no assumed core count)."""
+    return fraction * max(warmup_shares) if warmup_shares else 0.0
+
+
+def measure(sample, floor: float, retries: int) -> dict:
+    """One timed sample, repeated (at most ``retries`` more times) while the process got less than
+    ``floor`` cores' worth of CPU (another process took them: wall time says nothing about the
+    variant then). ``sample()`` returns ``(wall_s, cpu_s)``. The last attempt is kept either way;
+    every attempt is returned, so the report can say how many were disturbed."""
+    attempts = []
+    for _ in range(retries + 1):
+        wall, cpu = sample()
+        attempts.append({"wall_s": wall, "cpu_s": cpu, "cores": core_share(wall, cpu)})
+        if attempts[-1]["cores"] >= floor:
+            break
+    return {"wall_s": attempts[-1]["wall_s"], "disturbed": attempts[-1]["cores"] < floor, "attempts": attempts}

@@ -114,6 +114,13 @@ def render(result: dict) -> str:
             _row(lines, label if label.startswith("noise") else f"goal: {label}", runs,
                  lambda r, fn=fn: fn(r["goals"]))
         lines.append("")
+        tried = [(k, len(a)) for r in runs for rnd in r.get("rounds", [])
+                 for k, a in rnd.get("attempts", {}).items()]
+        if tried:
+            left = sum(len(rnd.get("disturbed", [])) for r in runs for rnd in r.get("rounds", []))
+            lines += [f"Samples repeated because other work took the cores (CPU time / wall time under the floor): "
+                      f"{sum(1 for _, n in tried if n > 1)} of {len(tried)}; still disturbed after "
+                      f"the retries: {left}.", ""]
         noisy = [r for r in runs if r["goals"].get("weight0_within_3pct") is False]
         if noisy:
             lines += ["Noise check failed (" + ", ".join(f"{r['size']}², {BACKENDS.get(r['attention'], r['attention'])}"
@@ -325,7 +332,9 @@ scripts/readme_figures.py         # this section, from benchmarks/results/bench.
 Per-step times of plain SD1.5, + P3S, + ControlNet, + both, P3S at weight 0 and P3S with its speed-ups
 off are measured in one run and reported as ratios to plain. Each round runs every variant's N-step and
 1-step sample, interleaved, the order reversed every other round; a step is (t_N − t_1) / (N − 1), so
-what a sample costs once cancels; a first warm-up round is discarded. A ratio is the median over rounds
+what a sample costs once cancels; a first warm-up round is discarded; a sample during which the process
+got under 85 % of the warm-up's best core share (CPU time / wall time: other work took the cores) is
+repeated, at most `--retries` times (results written before this guard have no such line). A ratio is the median over rounds
 of variant / plain of the same round, its spread across rounds (min–max) beside it
 (`benchmarks/timing.py`, checked by `tests/unit/test_bench_timing.py`). The results are committed
 (`benchmarks/results/bench.json`); this section is generated from them (`tests/unit/test_readme_figures.py`

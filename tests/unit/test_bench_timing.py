@@ -173,3 +173,44 @@ def test_a_changed_spread_changes_the_block():
 
 def _timed_runs_of(result):
     return [r for r in result["runs"] if "error" not in r]
+
+
+# --- samples disturbed by other work on the machine ------------------------------------------------
+def _fake(samples):
+    it = iter(samples)
+    return lambda: next(it)
+
+
+def test_core_share_and_floor_come_from_the_process_own_warm_up():
+    assert timing.core_share(10.0, 19.0) == pytest.approx(1.9)
+    assert timing.core_share(0.0, 1.0) == 0.0
+    assert timing.contention_floor([1.5, 1.9, 1.8]) == pytest.approx(0.85 * 1.9)
+    assert timing.contention_floor([]) == 0.0
+
+
+def test_a_disturbed_sample_is_repeated_and_the_clean_one_kept():
+    """Wall 20 s at 1 core's worth (another process took a core), then 10 s at 1.9: the clean one counts."""
+    got = timing.measure(_fake([(20.0, 20.0), (10.0, 19.0), (99.0, 1.0)]), floor=1.6, retries=2)
+    assert got["wall_s"] == 10.0 and not got["disturbed"] and len(got["attempts"]) == 2
+
+
+def test_retries_are_bounded_and_a_still_disturbed_sample_is_marked():
+    got = timing.measure(_fake([(20.0, 20.0), (18.0, 17.0), (16.0, 15.0), (9.0, 18.0)]), floor=1.6, retries=2)
+    assert got["wall_s"] == 16.0 and got["disturbed"] and len(got["attempts"]) == 3
+    clean = timing.measure(_fake([(10.0, 19.0), (1.0, 1.0)]), floor=1.6, retries=2)
+    assert clean["wall_s"] == 10.0 and len(clean["attempts"]) == 1
+    never = timing.measure(_fake([(20.0, 1.0), (1.0, 1.0)]), floor=0.0, retries=0)
+    assert never["wall_s"] == 20.0 and not never["disturbed"]
+
+
+def test_the_block_says_how_many_samples_were_repeated():
+    changed = copy.deepcopy(RESULT)
+    rnd = _timed_runs_of(changed)[0]["rounds"][0]
+    names = list(rnd["seconds"])
+    rnd["attempts"] = {k: [{"wall_s": 1.0, "cpu_s": 1.9, "cores": 1.9}] for k in names}
+    rnd["attempts"][names[0]] = [{"wall_s": 2.0, "cpu_s": 1.0, "cores": 0.5},
+                                 {"wall_s": 1.0, "cpu_s": 1.9, "cores": 1.9}]
+    rnd["disturbed"] = [names[1]]
+    block = readme_figures.render(changed)
+    assert f"other work took the cores (CPU time / wall time under the floor): 1 of {len(names)}; " \
+           "still disturbed after the retries: 1." in block
