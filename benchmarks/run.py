@@ -1,16 +1,23 @@
-"""One benchmark run: per-step sampling ratios at 256^2 and 512^2 for both attention backends,
-the profile of a P3S step, RNGR mask time, pack import time and training time per epoch.
+"""One benchmark run: per-step sampling ratios at 256^2 and 512^2, the profile of a P3S step, RNGR
+mask time, pack import time and training time per epoch.
 
 Every figure that is compared is measured in one run, interleaved, at the same size and seed, and
-reported as a ratio to plain SD1.5 in the same process (these machines are shared and noisy).
+reported as a ratio to plain SD1.5 in the same process (these machines are shared and noisy). Per
+round, every variant samples ``--steps`` N steps and 1 step (the order reversed every other round,
+:func:`timing.round_order`); its per-step time is the difference over N - 1 (fixed costs cancel); the
+ratio is the median over rounds of variant / plain of the same round, with its spread (min–max, IQR)
+beside it. A first warm-up round (1 step each) is discarded. P3S at weight 0 installs nothing, so its
+ratio is the run's noise: it must land within 0.97–1.03 (``tests/unit/test_bench_timing.py``).
 Random weights of the exact SD1.5 / CLIP ViT-L/14 / ControlNet shapes, so the arithmetic is real.
 
-Attention backends (one child process each; ComfyUI picks its kernel at import):
-``sdpa`` = ``--use-pytorch-cross-attention`` (PyTorch SDPA, what GPU users get) and ``subquad`` =
-ComfyUI's CPU default (sub-quadratic, chunked).
+Attention: ``sdpa`` = ``--use-pytorch-cross-attention`` (PyTorch SDPA, what GPU users get), in a
+child process (ComfyUI picks its kernel at import). ComfyUI's CPU default (sub-quadratic, chunked)
+is not benchmarked (issue 24 item 3): there P3S routes its 16 extended self-attentions to SDPA
+(``attention_route.ExtendedAttentionRoute``) while plain stays on sub-quad, so the ratio would mix
+two kernels; with plain routed the same way the column would repeat the SDPA one.
 
-    scripts/bench.sh                                   # 256 and 512, both backends, writes benchmarks/results/
-    scripts/bench.sh --sizes 256 --attention sdpa --steps 2 --reps 2 --skip-train --out /tmp/b
+    scripts/bench.sh                                   # 256 and 512, writes benchmarks/results/
+    scripts/bench.sh --sizes 512 --steps 3 --reps 6 --variants plain,p3s,"p3s weight 0" --skip-train
     scripts/readme_figures.py                          # then: the README's block from bench.json
 
 Variants: plain, + P3S, + ControlNet, + P3S + ControlNet, P3S at weight 0, "p3s, speed-ups off"
@@ -38,9 +45,12 @@ sys.path.insert(0, str(REPO / "scripts"))
 import harness  # noqa: E402
 import results_file  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+import timing  # noqa: E402
+
 VARIANTS = ["plain", "p3s", "controlnet", "p3s+controlnet", "p3s weight 0", "p3s, speed-ups off",
             "p3s, level-0 keys pooled", "p3s region (left half)", "p3s 2 regions (left + right)"]
-ATTENTION = ("sdpa", "subquad")
+ATTENTION = ("sdpa",)
 #: Issue 14's goals at 512^2 (same run, same backend).
 GOALS = {"p3s_max_ratio": 1.3, "weight0_max_ratio": 1.02, "rngr_max_ms": 50.0}
 
@@ -112,6 +122,9 @@ def output_effects(nodes, m, size) -> dict:
 
 
 def bench_steps(nodes, models, size, args):
+    """Per-step time of each variant per round (N-step minus 1-step sample, interleaved, the order
+    reversed every other round, a warm-up round discarded, a sample disturbed by other work on the
+    machine repeated: :func:`timing.measure`) and the ratios to plain with their spread."""
     import contextlib
 
     import torch
@@ -125,46 +138,56 @@ def bench_steps(nodes, models, size, args):
         ctx = _SpeedupsOff(models["adapter"], models["backend"]) if name == "p3s, speed-ups off" \
             else contextlib.nullcontext()
         with ctx:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.inference_mode():
                 sampler.sample(m, 1, steps, 7.5, "ddim", "normal", p, n, latent, denoise=1.0)
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - c0
 
-    if args.warmup:
-        for name in VARIANTS:  # warm-up: loads, allocations
-            run(name, 1)
-    times = {name: [] for name in VARIANTS}
-    for rep in range(args.reps):
-        for name in (VARIANTS if rep % 2 == 0 else VARIANTS[::-1]):  # interleaved
-            # per-step time: the reference encoding happens in the injector node, outside sampling,
-            # so a warm KSampler run of N steps is N UNet (+ copy) evaluations and a little overhead
-            times[name].append(run(name, args.steps) / args.steps)
-            print(f"[bench] {size}^2 {name}: {times[name][-1]:.3f} s/step", file=sys.stderr, flush=True)
-    out = {}
-    for name in VARIANTS:
-        # the ratio of each round (variant / plain of the same round, minutes apart at most), then
-        # the median over rounds: slow drifts of a shared machine cancel within a round
-        ratios = [t / p for t, p in zip(times[name], times["plain"])]
-        s = summary(times[name])
-        s["times"] = times[name]
-        s["ratio_to_plain"] = statistics.median(ratios)
-        s["ratio_spread"] = [min(ratios), max(ratios)]
-        out[name] = s
-    return out
+    variants = args.variants
+    # the warm-up round (loads, allocations): discarded; its core shares set the contention floor
+    shares = [timing.core_share(*run(name, 1)) for name in variants]
+    floor = timing.contention_floor(shares) if args.retries else 0.0
+    per_round = {name: [] for name in variants}
+    raw = []
+    for rnd in range(args.reps):
+        if rnd >= 3 and args.stop_at and time.time() + round_s > args.stop_at:
+            print(f"[bench] --stop-at: {rnd} rounds of {args.reps}", file=sys.stderr, flush=True)
+            break
+        t, got, t0 = {}, {}, time.time()
+        for name, steps in timing.round_order(variants, rnd, args.steps):
+            got[name, steps] = timing.measure(lambda: run(name, steps), floor, args.retries)
+            t[name, steps] = got[name, steps]["wall_s"]
+        round_s = time.time() - t0
+        for name in variants:
+            per_round[name].append(timing.per_step(t[name, args.steps], t[name, 1], args.steps))
+        raw.append({"order": [name for name, steps in timing.round_order(variants, rnd, args.steps)
+                              if steps == args.steps],
+                    "seconds": {f"{name} x{steps}": v for (name, steps), v in t.items()},
+                    "cores_floor": floor,
+                    "attempts": {f"{name} x{steps}": v["attempts"] for (name, steps), v in got.items()},
+                    "disturbed": [f"{name} x{steps}" for (name, steps), v in got.items() if v["disturbed"]]})
+        print(f"[bench] {size}^2 round {rnd + 1}/{args.reps}: " + ", ".join(
+            f"{name} {per_round[name][-1]:.3f}" for name in variants) + " s/step", file=sys.stderr, flush=True)
+    out = timing.ratio_stats(per_round)
+    return out, raw
 
 
 def goals(steps: dict) -> dict:
+    """Issue 14's goals and issue 24's noise check; a goal whose variants were not run is None."""
     r = {k: v["ratio_to_plain"] for k, v in steps.items()}
-    additive = 1 + (r["p3s"] - 1) + (r["controlnet"] - 1)
-    return {"p3s_le_1.3": r["p3s"] <= GOALS["p3s_max_ratio"],
-            "p3s_below_controlnet": r["p3s"] < r["controlnet"],
-            "p3s+controlnet_le_additive": r["p3s+controlnet"] <= additive, "additive_bound": additive,
-            "weight0_le_1.02": r["p3s weight 0"] <= GOALS["weight0_max_ratio"]}
+    has = lambda *names: all(n in r for n in names)  # noqa: E731
+    additive = 1 + (r["p3s"] - 1) + (r["controlnet"] - 1) if has("p3s", "controlnet") else None
+    return {"p3s_le_1.3": r["p3s"] <= GOALS["p3s_max_ratio"] if has("p3s") else None,
+            "p3s_below_controlnet": r["p3s"] < r["controlnet"] if has("p3s", "controlnet") else None,
+            "p3s+controlnet_le_additive": r["p3s+controlnet"] <= additive
+            if has("p3s+controlnet") and additive is not None else None, "additive_bound": additive,
+            "weight0_le_1.02": r["p3s weight 0"] <= GOALS["weight0_max_ratio"] if has("p3s weight 0") else None,
+            "weight0_within_3pct": timing.weight0_within_band(steps) if has("p3s weight 0") else None}
 
 
 #: Rough wall time of one size's stage on a busy 2-core CPU (steps, warm-up, profile), seconds;
 #: with --stop-at a stage starts only if it should end by then.
-STAGE_ESTIMATE = {("sdpa", 512): 720, ("subquad", 512): 1080}
+STAGE_ESTIMATE = {("sdpa", 512): 720}
 
 
 def past(stop_at: float | None, attention: str | None = None, size: int | None = None) -> bool:
@@ -193,20 +216,20 @@ def child(args):
             Path(args.child_json).write_text(json.dumps(runs))
             continue
         models = prof.build_models(nodes, pack, size)
-        args.warmup = i == 0  # the first size warms up loads and allocations for the process
         t0 = time.time()
         try:
-            steps = bench_steps(nodes, models, size, args)
+            steps, rounds = bench_steps(nodes, models, size, args)
         except Exception as e:  # keep the other sizes; the report says what failed
             runs.append({"attention": args.attention, "size": size, "error": repr(e)[:500]})
             Path(args.child_json).write_text(json.dumps(runs))
             continue
         row = {"attention": args.attention, "kernel": kernel, "size": size,
-               "steps_per_variant": steps, "goals": goals(steps)}
-        try:
-            row["output_effects"] = output_effects(nodes, models, size)
-        except Exception as e:
-            row["output_effects_error"] = repr(e)[:500]
+               "steps_per_variant": steps, "rounds": rounds, "goals": goals(steps)}
+        if not args.skip_effects:
+            try:
+                row["output_effects"] = output_effects(nodes, models, size)
+            except Exception as e:
+                row["output_effects_error"] = repr(e)[:500]
         if not args.skip_profile and not past(args.stop_at):
             m = models
             try:
@@ -283,6 +306,31 @@ def bench_train(args):
     return rows
 
 
+def _previous(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _origin(previous: dict) -> dict:
+    return {"date": previous.get("date"), "command": previous.get("command"), "machine": previous.get("machine")}
+
+
+def carry_over(row: dict, previous: dict) -> dict:
+    """A section this run skipped (``--skip-profile``, ``--skip-effects``) taken from the previous
+    bench.json's run of the same attention and size, marked with that run's date and command."""
+    old = next((r for r in previous.get("runs", []) if "error" not in r and "error" not in row
+                and (r.get("attention"), r.get("size")) == (row.get("attention"), row.get("size"))), None)
+    if old is None:
+        return row
+    for key in ("profile", "output_effects"):
+        if key not in row and key in old:
+            row[key] = old[key]
+            row[f"{key}_from"] = old.get(f"{key}_from") or _origin(previous)
+    return row
+
+
 def write_report(result, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -298,23 +346,36 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256,512", help="comma-separated image sizes (pixels)")
     ap.add_argument("--size", type=int, help="one size (same as --sizes N)")
-    ap.add_argument("--attention", default="sdpa,subquad",
-                    help="comma-separated: sdpa (--use-pytorch-cross-attention), subquad (ComfyUI's CPU default)")
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--attention", default="sdpa",
+                    help="sdpa (--use-pytorch-cross-attention); ComfyUI's sub-quad default is not benchmarked "
+                         "(P3S routes its layers to SDPA there: not like for like)")
+    ap.add_argument("--steps", type=int, default=3, help="N of the N-step sample (the 1-step one is subtracted)")
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds (after one warm-up round)")
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, metavar="VARIANT",
+                    help="the variants to time (plain always): " + "; ".join(VARIANTS))
+    ap.add_argument("--retries", type=int, default=2,
+                    help="repeat a timed sample at most this often while the process got under 85 %% of the "
+                         "warm-up round's best core share (other work on the machine); 0: never")
     ap.add_argument("--profile-reps", type=int, default=2)
-    ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument("--skip-profile", action="store_true",
+                    help="no profile; the previous bench.json's profile of the same size is kept, marked")
+    ap.add_argument("--skip-effects", action="store_true",
+                    help="no output effects; the previous bench.json's are kept, marked")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--train-steps", type=int, default=3, help="timed training steps (the first is a warm-up)")
     ap.add_argument("--train-images", type=int, default=5, help="photos in the timed training epoch")
     ap.add_argument("--train-resolution", type=int, default=0, help="default: 64 on the CPU, 512 on CUDA")
-    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="no training benchmark; the previous bench.json's is kept, marked")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--stop-at", type=float, default=None,
                     help="unix time after which no new stage starts (what was measured is written)")
     ap.add_argument("--child-json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.sizes = [args.size] if args.size else [int(s) for s in args.sizes.split(",") if s]
+    args.variants = ["plain"] + [v for v in VARIANTS if v in args.variants and v != "plain"]
+    if args.steps < 2:
+        ap.error("--steps must be 2 or more (the per-step time is an N-step minus a 1-step sample)")
     backends = [a for a in args.attention.split(",") if a]
     if not set(backends) <= set(ATTENTION):
         ap.error(f"--attention takes {', '.join(ATTENTION)}")
@@ -328,11 +389,17 @@ def main(argv=None):
         if flag in given:
             i = given.index(flag)
             del given[i:i + 2]
-    command = "scripts/bench.sh " + " ".join(given)
+    command = "scripts/bench.sh " + " ".join(f'"{a}"' if " " in a else a for a in given)
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": command.strip(), "machine": machine(), "device": args.device,
-              "sizes": args.sizes, "steps": args.steps, "reps": args.reps,
+              "sizes": args.sizes, "steps": args.steps, "reps": args.reps, "variants": args.variants,
+              "method": "per round: each variant's N-step and 1-step sample, interleaved, the order reversed "
+                        "every other round, after a discarded warm-up round; s/step = (t_N - t_1) / (N - 1); "
+                        "ratio = median over rounds of variant / plain of the same round; a sample during which "
+                        "the process got under 85 % of the warm-up's best core share (CPU time / wall time) "
+                        "is repeated, at most --retries times",
               "sampler": "ddim, CFG 7.5, batch 1", "runs": []}
+    previous = _previous(args.out / "bench.json")
 
     def save():  # after every stage: a run stopped later keeps what it measured
         result["wall_seconds"] = time.time() - t0
@@ -346,15 +413,16 @@ def main(argv=None):
             child_json = f.name
         cmd = [sys.executable, str(Path(__file__).resolve()), "--attention", backend,
                "--sizes", ",".join(map(str, args.sizes)), "--steps", str(args.steps),
-               "--reps", str(args.reps), "--profile-reps", str(args.profile_reps),
-               "--device", args.device, "--child-json", child_json]
+               "--reps", str(args.reps), "--retries", str(args.retries), "--profile-reps", str(args.profile_reps),
+               "--device", args.device, "--child-json", child_json, "--variants", *args.variants]
         cmd += (["--skip-profile"] if args.skip_profile else []) + \
+            (["--skip-effects"] if args.skip_effects else []) + \
             (["--stop-at", str(args.stop_at)] if args.stop_at else [])
         print(f"[bench] {backend}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, timeout=4 * 3600)
         text = Path(child_json).read_text() if Path(child_json).exists() else ""
         runs = json.loads(text) if text.strip() else []
-        result["runs"] += runs
+        result["runs"] += [carry_over(r, previous) for r in runs]
         if proc.returncode != 0:
             result["runs"].append({"attention": backend, "error": f"exit code {proc.returncode} "
                                    f"after {len(runs)} size(s)"})
@@ -365,6 +433,9 @@ def main(argv=None):
     save()
     if not args.skip_train and not past(args.stop_at):
         result["train"] = bench_train(args)
+    elif previous.get("train"):
+        result["train"] = previous["train"]
+        result["train_from"] = previous.get("train_from") or _origin(previous)
     print(save())
     print(f"\nwritten: {args.out}/bench.json, bench.md ({result['wall_seconds']:.0f} s)")
 
