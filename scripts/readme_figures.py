@@ -9,7 +9,10 @@ The block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is :func:`
 ``benchmarks/results/bench.json`` (written by ``scripts/bench.sh``, the CPU benchmark); the block
 between ``<!-- gpu:start -->`` and ``<!-- gpu:end -->`` is :func:`render_gpu` of each
 ``benchmarks/results/gpu-*.json`` (written by ``scripts/gpu_check.py`` on a CUDA machine). Nothing in
-them is typed by hand. Needs only the standard library (no ComfyUI, no torch).
+them is typed by hand. The block between ``<!-- heldout:start -->`` and ``<!-- heldout:end -->`` is
+:func:`heldout_block` of ``benchmarks/results/heldout_loss.json`` (``benchmarks/heldout_loss.py``: P3S
+against the plain model on held-out denoising loss); it is rewritten and checked where the README has
+its markers. Needs only the standard library (no ComfyUI, no torch).
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ README = REPO / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 GPU_START, GPU_END = "<!-- gpu:start -->", "<!-- gpu:end -->"
 GPU_RESULTS = "gpu-*.json"  # in RESULTS' folder
+HELDOUT_START, HELDOUT_END = "<!-- heldout:start -->", "<!-- heldout:end -->"
+HELDOUT_RESULTS = "heldout_loss.json"  # in RESULTS' folder
 
 NAMES = {"plain": "plain SD1.5", "p3s": "+ P3S", "controlnet": "+ ControlNet",
          "p3s+controlnet": "+ P3S + ControlNet", "p3s weight 0": "P3S at weight 0",
@@ -317,6 +322,91 @@ def block(result: dict) -> str:
     return f"{START}\n{note}\n{INTRO}{render(result)}{END}"
 
 
+HELDOUT_PARTS = {"comfyui": "The random SD1.5 through the real nodes",
+                 "toyworld": "The toy world's trained denoiser through the diffusers engine"}
+
+
+def _heldout_table(lines, summary) -> None:
+    lines += ["| reference | plain model | untrained adapter | trained adapter | trained vs plain | "
+              "trained vs untrained | untrained vs plain | pairs where trained < plain |",
+              "|---|---|---|---|---|---|---|---|"]
+    for kind, m in summary.items():
+        label = "the other photo" if kind == "other photo" else "the target's own photo"
+        lines.append(f"| {label} | {m['plain']:.4f} | {m['untrained']:.4f} | {m['trained']:.4f} | "
+                     f"{m['trained_vs_plain']:+.1%} | {m['trained_vs_untrained']:+.1%} | "
+                     f"{m['untrained_vs_plain']:+.1%} | {m['trained_beats_plain_pairs']} of {m['pairs']} |")
+
+
+def _reference_effect(lines, cases) -> None:
+    """How much the trained adapter's loss depends on which photo is the reference (per pair)."""
+    own = {c["target"]: c["trained"] for c in cases if c["reference_kind"] == "same photo"}
+    diffs = [abs(a - b) / b for c in cases if c["reference_kind"] == "other photo"
+             for a, b in zip(c["trained"], own[c["target"]])]
+    lines += [f"The reference barely matters: the other photo instead of the target's own moves the trained "
+              f"adapter's loss by at most {max(diffs):.3%} per pair, so this margin measures what the adapter "
+              "does to the denoiser, not what it took from the reference.", ""]
+
+
+def _dilution_lines(lines, dil, short) -> None:
+    per = dil["per_layer"]
+    lines += [f"The untrained adapter's dilution per self-attention layer (the share of the layer's attention "
+              f"mass, per query and head, on the appended zero-logit keys; other-photo reference): mean "
+              f"{dil['mean']:.0%}, from {dil['min']:.0%} to {dil['max']:.0%}.", "",
+              "| layer | " + " | ".join(short(n) for n in per) + " |", "|---" * (len(per) + 1) + "|",
+              "| dilution | " + " | ".join(f"{v:.0%}" for v in per.values()) + " |", ""]
+
+
+def _short_ldm(name: str) -> str:  # input_blocks.1.1.transformer_blocks.0 -> in 1
+    parts = name.split(".")
+    return {"input_blocks": "in", "output_blocks": "out", "middle_block": "mid"}[parts[0]] + (
+        "" if parts[0] == "middle_block" else f" {parts[1]}")
+
+
+def _short_diffusers(name: str) -> str:  # down_blocks.0.attentions.1.transformer_blocks.0 -> down 0.1
+    parts = name.split(".")
+    return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[parts[0]] + (
+        "" if parts[0] == "mid_block" else f" {parts[1]}.{parts[3]}")
+
+
+def render_heldout(result: dict) -> str:
+    """The Markdown (without the markers) for one ``heldout_loss.json`` (its ``comfyui`` and ``toyworld`` parts)."""
+    lines = []
+    c = result.get("comfyui")
+    if c:
+        st, tr = c["settings"], c["training"]
+        lines += [f"**{HELDOUT_PARTS['comfyui']}** (`{c['run']['command']}`; "
+                  "`tests/integration/test_heldout_loss.py` asserts it): the P3S Trainer node trained an adapter "
+                  f"on {st['photos']} photos of one subject at {st['size']}² ({tr['steps']} steps, lr "
+                  f"{st['learning_rate']:g}, reference pairing `{st['reference_pairing']}`); each photo as the "
+                  f"target on held-out (noise, t) pairs (noise seed {st['heldout_seed']}, not the Trainer's; "
+                  f"t = {', '.join(map(str, st['timesteps']))}), through the Condition Injector's patch (stored "
+                  f"reference by `reference_index`, Eq. 10 weight, λ {st['lam']:g}). Mean denoising loss (lower "
+                  "is better); a margin is the relative drop of the trained adapter's loss:", ""]
+        _heldout_table(lines, c["summary"])
+        lines.append("")
+        _reference_effect(lines, c["cases"])
+        _dilution_lines(lines, c["dilution_untrained"], _short_ldm)
+    t = result.get("toyworld")
+    if t:
+        st = t["settings"]
+        lines += [f"**{HELDOUT_PARTS['toyworld']}** (`{t['run']['command']}`, {st['world']}: a denoiser that "
+                  f"has learnt its world, where the random SD1.5 has not): P3S trained on {st['photos']} cleaned "
+                  f"photos ({st['steps']} steps, lr {st['lr']:g}, the toy world's settings), evaluated the same "
+                  "way through `P3SDiffusersInjector` (the same Eq. 7-10 as the nodes) with the next photo as "
+                  "the other reference:", ""]
+        _heldout_table(lines, t["summary"])
+        lines.append("")
+        _reference_effect(lines, t["cases"])
+        _dilution_lines(lines, t["dilution_untrained"], _short_diffusers)
+    return "\n".join(lines)
+
+
+def heldout_block(result: dict) -> str:
+    note = ("<!-- generated by scripts/readme_figures.py from benchmarks/results/heldout_loss.json; "
+            "edit neither by hand: rerun benchmarks/heldout_loss.py, then scripts/readme_figures.py -->")
+    return f"{HELDOUT_START}\n{note}\n{render_heldout(result)}{HELDOUT_END}"
+
+
 def readme_block(text: str, start: str = START, end: str = END) -> str:
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
@@ -335,10 +425,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     new = {(START, END): block(json.loads(args.results.read_text())),
            (GPU_START, GPU_END): gpu_block(gpu_results(args.gpu_results or args.results.parent))}
+    text = args.readme.read_text()
+    heldout = args.results.parent / HELDOUT_RESULTS
+    if (args.print or HELDOUT_START in text) and heldout.is_file():
+        new[(HELDOUT_START, HELDOUT_END)] = heldout_block(json.loads(heldout.read_text()))
     if args.print:
         print("\n\n".join(new.values()))
         return 0
-    text = args.readme.read_text()
     old = {k: readme_block(text, *k) for k in new}
     if args.check:
         stale = [k[0] for k in new if old[k] != new[k]]

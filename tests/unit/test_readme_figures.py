@@ -123,3 +123,41 @@ def test_check_mode_fails_on_an_edited_gpu_block(tmp_path):
     assert readme_figures.main(["--check", "--readme", str(readme)]) == 1
     assert readme_figures.main(["--readme", str(readme)]) == 0
     assert readme_figures.main(["--check", "--readme", str(readme)]) == 0
+
+
+# --- the held-out loss block (issue 22 item 4) -------------------------------------------------------
+HELDOUT = json.loads((readme_figures.RESULTS.parent / readme_figures.HELDOUT_RESULTS).read_text())
+
+
+def test_readme_heldout_block_is_generated_from_the_committed_heldout_results():
+    text = readme_figures.README.read_text()
+    assert text.count(readme_figures.HELDOUT_START) == 1 and text.count(readme_figures.HELDOUT_END) == 1
+    assert readme_figures.readme_block(text, readme_figures.HELDOUT_START, readme_figures.HELDOUT_END) == \
+        readme_figures.heldout_block(HELDOUT)
+    assert set(HELDOUT) == {"comfyui", "toyworld"}
+    for part in HELDOUT.values():
+        assert len(part["dilution_untrained"]["per_layer"]) == 16
+
+
+def test_the_heldout_block_follows_the_numbers(tmp_path):
+    edited = copy.deepcopy(HELDOUT)
+    m = edited["comfyui"]["summary"]["other photo"]
+    m["trained"], m["trained_vs_plain"] = 0.123456, -0.987
+    edited["toyworld"]["dilution_untrained"]["mean"] = 0.777
+    text = readme_figures.heldout_block(edited)
+    assert "| 0.1235 |" in text and "| -98.7% |" in text and "mean 78%" in text
+    assert text != readme_figures.heldout_block(HELDOUT)
+    # --check sees an edited number in the README's heldout block
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "bench.json").write_text(json.dumps(RESULT))
+    (folder / readme_figures.HELDOUT_RESULTS).write_text(json.dumps(HELDOUT))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n" + readme_figures.block(RESULT) + "\n" + readme_figures.gpu_block(GPU) + "\n"
+                      + readme_figures.heldout_block(edited) + "\noutro\n")
+    args = ["--results", str(folder / "bench.json"), "--gpu-results", str(readme_figures.RESULTS.parent),
+            "--readme", str(readme)]
+    assert readme_figures.main(["--check", *args]) == 1
+    assert readme_figures.main(args) == 0
+    assert readme_figures.main(["--check", *args]) == 0
+    assert readme_figures.heldout_block(HELDOUT) in readme.read_text()
