@@ -3,8 +3,7 @@ with the random SD1.5 (64x64 images, 1-4 steps; one SD1.5 load per session).
 
 - the Trainer writes byte-identical adapters for one seed, different ones for another, and the file
   carries its cleaned reference (the Injector's default: no photo, VAE or CLIP vision needed);
-- training at a raised learning rate lowers the denoising loss on held-out (noise, timestep) pairs,
-  measured through the Injector's patch (the attention injection sampling uses);
+- (the held-out denoising loss against the plain model: tests/integration/test_heldout_loss.py);
 - L_ac's share of the gradient of the parameters that produce M_c: clearly non-zero by default,
   negligible under the literal Eq. 11-12;
 - Eq. 10 weight of every KSampler step at its sigma, the schedule window (steps outside = the plain
@@ -207,46 +206,6 @@ def test_generation_needs_no_photo_and_a_connected_reference_overrides(comfy, sd
     with pytest.raises(errors.ModelMismatchError) as err:  # a photo without a VAE to encode it
         _inject(comfy, sd15, active_adapter, reference=_photo(3), clip_vision=clip_vision)
     assert err.value.input_name == "vae"
-
-
-# --- 2. training lowers the held-out denoising loss through the injection ---------------------------
-def _heldout_loss(comfy, sd15, adapter, context, pairs):
-    """Mean ||eps - eps_theta||^2 over fixed (timestep, noise) pairs, eps_theta from the model patched
-    by the Condition Injector (stored reference, strength 1, the Eq. 10 weight of that timestep)."""
-    patched = _inject(comfy, sd15, adapter)
-    ms = patched.get_model_object("model_sampling")
-    x0 = adapter.reference["latent"][:1]
-    opts = dict(patched.model_options["transformer_options"])
-    opts["wrappers"] = patched.wrappers
-    losses = []
-    with torch.inference_mode():
-        for t, noise in pairs:
-            sigma = ms.sigma(torch.tensor([float(t)]))
-            xt = ms.noise_scaling(sigma, noise, x0)
-            o = dict(opts, cond_or_uncond=[0], sigmas=sigma)
-            denoised = patched.model.apply_model(xt, sigma, c_crossattn=context, transformer_options=o)
-            eps = (xt - denoised) / sigma
-            losses.append(float(((eps - noise) ** 2).mean()))
-    return sum(losses) / len(losses), losses
-
-
-def test_training_lowers_the_held_out_denoising_loss(comfy, sd15, clip_vision, conds):
-    img = _photo(21)
-    out = _train(comfy, sd15, clip_vision, img, epochs=6, learning_rate=1e-4, seed=3, save_name="p3s_fid_fit")
-    trained = out["result"][0]
-    backend = comfy.core("comfyui_engine")
-    with torch.inference_mode(False):
-        sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
-        untrained = comfy.core("adapter").new_adapter(unet_state_dict=sd, seed=3)
-        untrained.reference = trained.reference
-    g = torch.Generator().manual_seed(1234)  # held out: not the training generator's draws
-    pairs = [(t, torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=g)) for t in (150, 400, 650, 900)]
-    context = conds[0][0][0]
-    before, b_each = _heldout_loss(comfy, sd15, untrained, context, pairs)
-    after, a_each = _heldout_loss(comfy, sd15, trained, context, pairs)
-    print(f"\nheld-out denoising loss: untrained {before:.5f} -> trained {after:.5f} "
-          f"({(before - after) / before:.1%} lower); per pair {b_each} -> {a_each}")
-    assert after < before * 0.99, (before, after)
 
 
 # --- 3. L_ac acts: its share of the gradient of the parameters that produce M_c -----------------------

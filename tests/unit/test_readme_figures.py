@@ -84,6 +84,10 @@ def _edit_json(root: Path, name: str, edit) -> None:
      "25.0–50.0 %"),
     ("train-memory", "bench.json", lambda d: d["train"][0].__setitem__("peak_rss_mib", 10 * 1024),
      "| 10.0 GiB |"),
+    ("heldout", "heldout_loss.json",
+     lambda d: d["comfyui"]["summary"]["other photo"].update(trained=0.123456, trained_vs_plain=-0.987), "| -98.7% |"),
+    ("heldout", "heldout_loss.json", lambda d: d["toyworld"]["dilution_untrained"].__setitem__("mean", 0.777),
+     "mean 78%"),
 ])
 def test_a_block_follows_its_result_file(tmp_path, name, file, edit, want):
     """A changed figure in the result file changes the block: the text cannot keep a stale number."""
@@ -183,8 +187,11 @@ def test_each_committed_result_file_names_its_producer():
                 if path.suffix != ".json":
                     continue
                 data = json.loads(path.read_text())
-                assert data["command"].split()[0] in producers, (b.name, path.name, data["command"])
-                assert data["date"] and data.get("machine"), (b.name, path.name)
+                # A file measured in parts (heldout_loss.json) stamps each part's run.
+                stamps = [p["run"] for p in data.values() if isinstance(p, dict) and "run" in p] or [data]
+                for st in stamps:
+                    assert st["command"].split()[0] in producers, (b.name, path.name, st["command"])
+                    assert st["date"] and st.get("machine"), (b.name, path.name)
 
 
 # --- the benchmark block ----------------------------------------------------------------------------------
@@ -265,3 +272,12 @@ def test_the_gpu_block_follows_the_numbers():
     if changed["lowvram"]:
         changed["lowvram"][0]["completed"] = False
         assert "| **no** |" in rf.render_gpu(name, changed)
+
+
+def test_the_heldout_block_holds_both_models_and_16_layers_of_dilution():
+    """The held-out loss result (issue 22 item 4) covers the random SD1.5 through the nodes and the toy
+    world, each with the untrained adapter's dilution at all 16 self-attention layers."""
+    result = rf.load(rf.REPO, f"{rf.RESULTS_DIR}/heldout_loss.json")
+    assert set(result) >= {"comfyui", "toyworld"}
+    for part in ("comfyui", "toyworld"):
+        assert len(result[part]["dilution_untrained"]["per_layer"]) == 16
