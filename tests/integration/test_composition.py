@@ -194,3 +194,164 @@ def test_kv_changing_patch_gets_a_typed_error(patch, problem, comfy, sd15, conds
     msg = str(info.value)
     assert patch.__name__ in msg and problem in msg and f"Fix: remove the attention patch" in msg, msg
     assert torch.isfinite(sample(comfy, p3s(sd15.model), conds)).all()
+
+
+# --- Eq. 7 inside the tiles of HyperTile and for the merged queries of ToMe (issue 24) -------------
+LEVEL0_LAYER = "input_1"  # a level-0 self-attention: 64 tokens of the 8x8 latent, tiled / merged by both
+
+
+def _attend(attn, zq, k_in, v_in):
+    """attn1 written out: ``to_out(softmax(W_Q zq (W_K k_in)^T / sqrt d) W_V v_in)`` per head."""
+    w = lambda lin: lin.weight.to(zq.dtype)  # noqa: E731
+    q, k, v = (torch.nn.functional.linear(x, w(lin)) for x, lin in ((zq, attn.to_q), (k_in, attn.to_k),
+                                                                        (v_in, attn.to_v)))
+    b, heads = q.shape[0], attn.heads
+    d = q.shape[-1] // heads
+
+    def split(x):
+        return x.reshape(b, x.shape[1], heads, d).transpose(1, 2)
+
+    probs = torch.softmax(split(q) @ split(k).transpose(-1, -2) / d ** 0.5, dim=-1)
+    out = (probs @ split(v)).transpose(1, 2).reshape(b, q.shape[1], heads * d)
+    proj = attn.to_out[0]
+    return torch.nn.functional.linear(out, w(proj), proj.bias.to(zq.dtype))
+
+
+def _eq7(attn, zq, zk, fk=None, lam=0.2):
+    """Eq. 7-8: queries ``zq``, ``K' = W_K [zk, fk]``, ``V' = W_V [zk + lam fk, fk]`` (the copy
+    features ``fk`` of the key tokens ``zk``, already scaled by eps_t); ``fk`` None: plain attention."""
+    if fk is None:
+        return _attend(attn, zq, zk, zk)
+    return _attend(attn, zq, torch.cat([zk, fk], dim=1), torch.cat([zk + lam * fk, fk], dim=1))
+
+
+def _injector_key(comfy, model):
+    backend = comfy.core("comfyui_engine")
+    patches = model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
+    keys = [p.key for p in patches if isinstance(p, backend.P3SInjectorPatch)]
+    assert len(keys) <= 1, keys
+    return keys[0] if keys else None
+
+
+def record_level0(comfy, sd15, model, conds):
+    """One sampling step of ``model`` recording every call of the level-0 self-attention ``input_1``:
+    its normed hidden state ``z`` (norm1's output, before any patch), the queries, keys and values the
+    attention module received (after every attn1 patch), its output (before the output patches), and,
+    with a P3S injector on ``model``, the copy feature ``f`` of that layer, ``eps_t`` and lambda."""
+    copy_mod = comfy.core("copy_unet")
+    block = sd15.model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0]
+    key = _injector_key(comfy, model)
+    calls = []
+
+    def on_norm(module, args, out):
+        calls.append({"z": out.clone()})
+
+    def probe(n, context, value, extra_options):  # last attn1 patch: reads the P3S bank of this call
+        if copy_mod.layer_key(extra_options["block"], extra_options.get("block_index", 0)) == LEVEL0_LAYER:
+            bank = extra_options.get(key) if key else None
+            if bank is not None:
+                calls[-1].update(f=bank.features[LEVEL0_LAYER].clone(), weight=float(bank.weight), lam=bank.lam)
+        return n, context, value
+
+    def on_attn(module, args, kwargs, out):
+        calls[-1].update(q=args[0].clone(), k=kwargs["context"].clone(), v=kwargs["value"].clone(), out=out.clone())
+
+    probed = model.clone()
+    probed.set_model_attn1_patch(probe)
+    hooks = [block.norm1.register_forward_hook(on_norm),
+             block.attn1.register_forward_hook(on_attn, with_kwargs=True)]
+    try:
+        sample(comfy, probed, conds)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls and all("out" in c for c in calls), "the level-0 self-attention was not recorded"
+    return block.attn1, calls
+
+
+def _close(out, ref, what):
+    err = float((out - ref).abs().max())
+    assert err <= 1e-4 * max(1.0, float(ref.abs().max())), f"{what}: max |difference| {err:.3g}"
+
+
+def _tiles(call, grid):
+    """HyperTile's tiles of this call: (batch row, tile index, query token indices, key token indices).
+    Queries: the 2-D tile (HyperTile's rearrange); keys: the tile's share of the untiled keys, which the
+    attention kernel folds into the tile batch by token order (the per-token layout keeps each token's
+    z and f together there)."""
+    z, q = call["z"], call["q"]
+    b, n = z.shape[:2]
+    tiles = q.shape[0] // b
+    side = int(round(q.shape[1] ** 0.5))
+    per_row = grid // side
+    assert tiles > 1 and side * side == q.shape[1] and per_row * per_row == tiles, (tuple(q.shape), tuple(z.shape))
+    r = torch.arange(side)
+    for row in range(b):
+        for t in range(tiles):
+            i, j = divmod(t, per_row)
+            query = ((i * side + r)[:, None] * grid + (j * side + r)[None, :]).flatten()
+            yield row, row * tiles + t, query, torch.arange(t * n // tiles, (t + 1) * n // tiles)
+
+
+def test_eq7_holds_in_every_hypertile_tile(comfy, sd15, conds, p3s):
+    """HyperTile tiles the level-0 queries into the batch; the attention kernel then gives each tile its
+    share of the keys by token order. Checked per tile, on the real patched attention of input_1:
+    HyperTile alone is the plain attention of the tile's queries over those key tokens (what the tile
+    attends to), and with P3S in either order it is Eq. 7 over the same tokens with their copy features
+    appended as extra keys/values. Appending the features after all the tokens (no per-token layout)
+    would hand the tiles other tokens' features: the last check tells the two apart."""
+    hypertile = CORE["HyperTile"].apply
+    grid = SIZE // 8
+    with torch.inference_mode():
+        attn, plain_calls = record_level0(comfy, sd15, hypertile(comfy, sd15.model, conds), conds)
+        for call in plain_calls:
+            for row, tile, query, keys in _tiles(call, grid):
+                z = call["z"][row:row + 1]
+                assert torch.equal(call["q"][tile:tile + 1], z[:, query])  # the tile's queries, untouched
+                _close(call["out"][tile:tile + 1], _eq7(attn, z[:, query], z[:, keys]), f"HyperTile alone, tile {tile}")
+        orders = {"HyperTile then P3S": p3s(hypertile(comfy, sd15.model, conds)),
+                  "P3S then HyperTile": hypertile(comfy, p3s(sd15.model), conds)}
+        for order, model in orders.items():
+            _, calls = record_level0(comfy, sd15, model, conds)
+            for call in calls:
+                assert call["weight"] > 0 and call["k"].shape[1] == 2 * call["z"].shape[1], order
+                n = call["z"].shape[1]
+                for row, tile, query, keys in _tiles(call, grid):
+                    z, f = call["z"][row:row + 1], call["f"][row:row + 1] * call["weight"]
+                    assert torch.equal(call["q"][tile:tile + 1], z[:, query]), order
+                    out = call["out"][tile:tile + 1]
+                    _close(out, _eq7(attn, z[:, query], z[:, keys], f[:, keys], call["lam"]), f"{order}, tile {tile}")
+                    # the concatenated layout [z_0..z_N, f_0..f_N], folded by token order, would give
+                    # this tile other tokens' keys and features
+                    tiles = call["q"].shape[0] // call["z"].shape[0]
+                    chunk = slice((tile % tiles) * 2 * n // tiles, (tile % tiles + 1) * 2 * n // tiles)
+                    k_cat, v_cat = torch.cat([z, f], 1), torch.cat([z + call["lam"] * f, f], 1)
+                    wrong = _attend(attn, z[:, query], k_cat[:, chunk], v_cat[:, chunk])
+                    assert float((out - wrong).abs().max()) > 1e-3, (order, tile)
+
+
+def test_eq7_holds_for_tome_merged_queries(comfy, sd15, conds, p3s):
+    """ToMe merges the level-0 queries (fewer query tokens, each a token of z or a mean of several) and
+    leaves the keys and values whole: the real patched attention of input_1 is Eq. 7 for the merged
+    queries over every token, its copy features appended as extra keys/values (either order), and
+    ToMe alone is the plain attention of the merged queries."""
+    tome = CORE["TomePatchModel"].apply
+    runs = {"ToMe alone": tome(comfy, sd15.model, conds),
+            "ToMe then P3S": p3s(tome(comfy, sd15.model, conds)),
+            "P3S then ToMe": tome(comfy, p3s(sd15.model), conds)}
+    with torch.inference_mode():
+        for name, model in runs.items():
+            attn, calls = record_level0(comfy, sd15, model, conds)
+            for call in calls:
+                z, q = call["z"], call["q"]
+                assert q.shape[0] == z.shape[0] and q.shape[1] < z.shape[1], (name, tuple(q.shape))  # merged
+                # the merged queries come from this z: ToMe's unmerged tokens are rows of it
+                exact = ((q[:, :, None] - z[:, None]).abs().amax(dim=-1).amin(dim=-1) == 0).sum(dim=-1)
+                assert bool((exact >= q.shape[1] // 2).all()), (name, exact.tolist())
+                if name == "ToMe alone":
+                    _close(call["out"], _eq7(attn, q, z), name)
+                    continue
+                assert call["weight"] > 0 and call["k"].shape[1] == 2 * z.shape[1], name
+                f = call["f"] * call["weight"]
+                _close(call["out"], _eq7(attn, q, z, f, call["lam"]), name)
+                assert float((call["out"] - _eq7(attn, q, z)).abs().max()) > 1e-3, name  # P3S acted here

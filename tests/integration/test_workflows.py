@@ -2,7 +2,10 @@
 to end through the real frontend (its own graph-to-prompt conversion) and the real server."""
 from __future__ import annotations
 
+import copy
 import json
+import math
+import re
 import time
 from pathlib import Path
 
@@ -22,6 +25,10 @@ TRAINED_ADAPTER = "p3s_example_dog.safetensors"
 # What the test lowers so a workflow runs on the CPU with random weights: (node type, widget, value).
 LOWER = [("EmptyLatentImage", "width", 64), ("EmptyLatentImage", "height", 64), ("KSampler", "steps", 2),
          ("P3STrainer", "epochs", 1), ("P3STrainer", "resolution", 64), ("P3SRNGRMaskInpaint", "fill", "flat")]
+# What the as-shipped server run lowers: the training length, the two resolutions and the sampling steps;
+# everything else (the fill, the points and masks, every option) is the shipped workflow's.
+AS_SHIPPED_LOWER = {("P3STrainer", "epochs"): 1, ("P3STrainer", "resolution"): 64, ("EmptyLatentImage", "width"): 64,
+                    ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 2}
 
 
 def test_the_shipped_workflows_exist():
@@ -146,3 +153,44 @@ def test_two_subjects_workflow_runs_from_the_frontend(page, server):
     page.wait_for_timeout(1500)
     _screenshot(page, DOCS / "two_subjects_workflow.png")
     assert not [e for e in page.errors if "p3s" in e.lower()], page.errors
+
+
+def test_clicks_to_images_runs_through_the_server_as_shipped(server):
+    """p3s_clicks_to_images (clicks -> RNGR mask + fill -> P3S Trainer -> Condition Injector -> KSampler ->
+    Save Image) queued on the real server with only epochs, resolutions and steps lowered: the fill
+    (biharmonic), points, mask settings and trainer options run as shipped. The adapter it writes and
+    the image it saves are produced and finite."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    wf = json.loads((REPO / "workflows" / "p3s_clicks_to_images.json").read_text())
+    shipped = harness.ui_to_api(wf, server.get("/object_info"))
+    prompt = copy.deepcopy(shipped)
+    lowered = set()
+    for entry in prompt.values():
+        for name in entry["inputs"]:
+            if (entry["class_type"], name) in AS_SHIPPED_LOWER:
+                entry["inputs"][name] = AS_SHIPPED_LOWER[(entry["class_type"], name)]
+                lowered.add((entry["class_type"], name))
+    assert lowered == set(AS_SHIPPED_LOWER)
+    (rngr,) = [e["inputs"] for e in shipped.values() if e["class_type"] == "P3SRNGRMaskInpaint"]
+    assert rngr["fill"] == "biharmonic"  # the shipped fill is the one that runs
+    adapter = server.base / "models" / "p3s" / TRAINED_ADAPTER
+    adapter.unlink(missing_ok=True)  # so the file checked below is this run's
+    entry = server.run(prompt, timeout=900)
+    ids = {e["class_type"]: nid for nid, e in prompt.items() if e["class_type"] in ("P3STrainer", "SaveImage")}
+    text = entry["outputs"][ids["P3STrainer"]]["text"][0]
+    loss = re.search(r"last loss ([-+0-9.eEinfa]+)", text)
+    assert loss and math.isfinite(float(loss.group(1))), text
+    tensors = load_file(str(adapter))
+    assert tensors and all(bool(t.isfinite().all()) for t in tensors.values())
+    files = server.output_files(entry)
+    assert len(files) == 1 and files[0].suffix == ".png", entry["outputs"]
+    image = np.asarray(Image.open(files[0]).convert("RGB"), dtype=np.float32)
+    assert image.shape == (64, 64, 3)
+    assert image.std() > 1.0  # a NaN latent decodes to one flat colour
+    # every image node showed its picture: the RNGR preview, the loss plot, the schedule plot, the image
+    shown = {nid for nid, out in entry["outputs"].items() if out.get("images")}
+    wanted = {nid for nid, e in prompt.items() if e["class_type"] in ("PreviewImage", "SaveImage")}
+    assert len(wanted) == 4 and wanted <= shown, (wanted, entry["outputs"].keys())
