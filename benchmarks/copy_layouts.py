@@ -61,10 +61,7 @@ def main(argv=None) -> int:
     core = lambda m: importlib.import_module(f"{pack.__name__}.p3s_core.{m}")  # noqa: E731
     engine, adapter_mod, cfg_mod = core("comfyui_engine"), core("adapter"), core("copy_config")
     node = nodes.NODE_CLASS_MAPPINGS
-    with torch.inference_mode():
-        model, clip, _vae = node["CheckpointLoaderSimple"]().load_checkpoint("p3s_random_sd15.safetensors")[:3]
-        enc = node["CLIPTextEncode"]()
-        pos, neg = enc.encode(clip, "a photo of sks dog")[0], enc.encode(clip, "")[0]
+    model, _clip, _vae, pos, neg = prof.random_sd15(nodes)
     lat = args.size // 8
     g = torch.Generator().manual_seed(args.seed)
     reference = (torch.randn(1, 4, lat, lat, generator=g), torch.randn(1, 257, 1024, generator=g))

@@ -2,7 +2,7 @@
 
     f_i = Z_i(F_i(x_t + I'', c, t))                                                    (6)
 
-The copy keeps the encoder half of the SD1.5 UNet with ONE ResNet block per level ("a simplified
+The copy keeps (layout "encoder") the encoder half of the SD1.5 UNet with ONE ResNet block per level ("a simplified
 U-Net with only one ResNet block in each block"), in the original LDM module names so that it can be
 initialised from the base UNet ControlNet-style (:func:`init_from_ldm_unet`):
 
@@ -31,8 +31,15 @@ encoder- and decoder-side layers of that level. All 16 features are exactly zero
 Odd latent sizes: the stride-2 downsample uses padding 1 like LDM, so level sizes are
 ``ceil(h / 2**level)``, the same as the original UNet's (its decoder upsamples back to those sizes).
 
+Layouts (:mod:`.copy_config`, issue 22): the table above is the ``"encoder"`` layout. ``"full"``
+adds the decoder half of :mod:`.copy_decoder` (``self.decoder``): the 9 decoder-side layers
+(``output_3`` .. ``output_11``) then read the copy's decoder level of their resolution instead of
+its encoder level (:func:`feature_index`), and the ``output_11`` counterpart of ``ATTN_MAP_KEY`` is
+the decoder's level-0 transformer.
+
 Parameter count (``count_parameters(P3SCopyUNet(CopyUNetConfig.sd15()))``): 179,614,400, of which
-the 16 zero convs hold 12,402,880 (about 718 MB in float32; the SD1.5 UNet has 859.5 M).
+the 16 zero convs hold 12,402,880 (about 718 MB in float32; the SD1.5 UNet has 859.5 M); the
+``"full"`` layout: 329,664,000 (about 1.32 GB in float32).
 """
 from __future__ import annotations
 
