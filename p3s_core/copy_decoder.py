@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .copy_blocks import ResBlock, SpatialTransformer
 from .copy_config import CopyUNetConfig
 from .operations import check_operations
 
@@ -60,8 +61,6 @@ class Upsample(nn.Module):
 class _DecoderLevel(nn.Module):
     def __init__(self, cin: int, cout: int, cfg: CopyUNetConfig, operations=None):
         super().__init__()
-        from .copy_unet import ResBlock, SpatialTransformer  # the shared LDM building blocks
-
         self.res = ResBlock(cin, cfg.time_embed_dim, cout, cfg.groups, cfg.dropout, operations)
         self.st = SpatialTransformer(cout, cfg.num_heads, cfg.context_dim, cfg.groups, cfg.dropout,
                                      operations)
