@@ -245,3 +245,14 @@ def test_a_full_file_whose_layer_map_says_encoder_is_refused(tmp_path):
     save_file(load_file(str(path)), str(tmp_path / "g.safetensors"), metadata=meta)
     with pytest.raises(AdapterFileError, match="layer_map|layer map"):
         load_adapter(tmp_path / "g.safetensors")
+
+
+def test_fingerprint_of_the_full_copys_largest_tensor():
+    """output_blocks.3.0's first conv (1280 x 2560 x 3 x 3 = 29,491,200 values, past float32's exact
+    integers) fingerprints; its last value is among the sampled ones."""
+    from p3s_core.adapter import unet_fingerprint
+
+    t = torch.zeros(1280, 2560, 3, 3, dtype=torch.float16)
+    a = unet_fingerprint({"w": t})
+    t.view(-1)[-1] = 1.0
+    assert unet_fingerprint({"w": t}) != a
