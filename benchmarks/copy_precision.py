@@ -43,10 +43,9 @@ def main(argv=None) -> int:
     core = lambda m: importlib.import_module(f"{pack.__name__}.p3s_core.{m}")  # noqa: E731
     engine, adapter_mod, sched_mod = core("comfyui_engine"), core("adapter"), core("schedule")
     node = nodes.NODE_CLASS_MAPPINGS
-    with torch.inference_mode():
-        model, clip, _vae = node["CheckpointLoaderSimple"]().load_checkpoint("p3s_random_sd15.safetensors")[:3]
-        enc = node["CLIPTextEncode"]()
-        pos, neg = enc.encode(clip, "a photo of sks dog")[0], enc.encode(clip, "")[0]
+    import profile_step
+
+    model, _clip, _vae, pos, neg = profile_step.random_sd15(nodes)
     assert model.model.get_dtype() == torch.float32 and model.model.manual_cast_dtype is None
     lat = args.size // 8
     g = torch.Generator().manual_seed(args.seed)

@@ -8,15 +8,16 @@ from .adapter_nodes import adapter_file_name, check_adapter
 from .common import ADAPTER, CATEGORY, check_image_batch, check_text, numpy_to_image
 
 
-def _estimated_adapter_bytes() -> int:
-    """Size of an SD1.5 adapter file (built on the meta device: no memory, no weights)."""
+def _estimated_adapter_bytes(copy_layout: str = "encoder") -> int:
+    """Size of an SD1.5 adapter file of that copy layout (built on the meta device: no memory)."""
     import torch
 
     from ..p3s_core.adapter import P3SAdapter
+    from ..p3s_core.copy_config import CopyUNetConfig
     from ..p3s_core.train import estimate_adapter_bytes
 
     with torch.device("meta"):
-        return estimate_adapter_bytes(P3SAdapter())
+        return estimate_adapter_bytes(P3SAdapter(CopyUNetConfig.sd15(copy_layout)))
 
 
 def _check_mask(images, mask):
@@ -61,6 +62,7 @@ class P3STrainer:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..p3s_core.copy_config import COPY_LAYOUTS, DEFAULT_COPY_LAYOUT
         from ..p3s_core.train import CHECKPOINTING_CHOICES
 
         return {
@@ -87,6 +89,7 @@ class P3STrainer:
                 "ac_reading": (["mass", "literal"], {"advanced": True, "default": "mass", "tooltip": "Normalisation of L_ac (Eq. 11-12). 'mass' (default): summed squared difference over the mean map mass, the mean per-query distance between the two attention maps, so gamma*L_ac actually steers training. 'literal': the equation as printed (MSE / mass, about 1e-9: no effect)."}),
                 "reference_pairing": (["self", "other photo"], {"advanced": True, "default": "self", "tooltip": "Which reference I' each training step sees. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose."}),
                 "reproducible": ("BOOLEAN", {"advanced": True, "default": True, "tooltip": "On the CPU: train on one thread, so the same seed writes the same adapter file byte for byte (with several threads the backward pass differs in the last bits from run to run). Costs step time on multi-core CPUs (see the README). No effect on GPUs."}),
+                "copy_layout": (list(COPY_LAYOUTS), {"advanced": True, "default": DEFAULT_COPY_LAYOUT, "tooltip": "Layout of the trainable copy (Eq. 6). 'encoder': the copy's encoder half + middle; each UNet self-attention layer reads the copy level of its resolution (179.6 M parameters). 'full': a decoder half too (one ResNet block + one transformer per level, fed by the copy's own skips), so the decoder-side layers read the copy's decoder, as the paper describes (329.7 M parameters, slower steps; see the README). A resumed adapter keeps its own layout."}),
             },
         }
 
@@ -105,9 +108,10 @@ class P3STrainer:
 
     def train(self, model, clip, vae, clip_vision, images, prompt, identifier, epochs, learning_rate, gamma,
               resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing="auto",
-              ac_reading="mass", reference_pairing="self", reproducible=True):
+              ac_reading="mass", reference_pairing="self", reproducible=True, copy_layout=None):
         from ..p3s_core import comfyui_engine as engine
         from ..p3s_core.comfyui_engine import training as trainer
+        from ..p3s_core.copy_config import COPY_LAYOUTS, DEFAULT_COPY_LAYOUT, check_copy_layout
         from ..p3s_core.copy_unet import CopyUNetConfig
         from ..p3s_core.errors import AdapterFileError, ModelMismatchError, TrainingConfigError
         from ..p3s_core.previews import plot_losses
@@ -119,6 +123,7 @@ class P3STrainer:
         check_text(prompt, "prompt", fix="write a short prompt such as 'a photo of sks dog'")
         mask = _check_mask(images, mask)
         checkpointing = checkpointing_choice(gradient_checkpointing)  # None: on where it pays
+        copy_layout = check_copy_layout(DEFAULT_COPY_LAYOUT if copy_layout is None else copy_layout)
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
                                  resolution=resolution, save_every=save_every,
                                  identifier=str(identifier).strip(), ac_reading=ac_reading,
@@ -134,7 +139,7 @@ class P3STrainer:
         engine.check_vae_sd15(vae)
         if resume_adapter is not None:
             check_adapter(resume_adapter, "resume_adapter")
-            if resume_adapter.config != CopyUNetConfig.sd15() or not isinstance(resume_adapter.training_info, dict):
+            if resume_adapter.config not in [CopyUNetConfig.sd15(lay) for lay in COPY_LAYOUTS] or not isinstance(resume_adapter.training_info, dict):
                 raise AdapterFileError("resume_adapter", "this is not an SD1.5 P3S adapter",
                                        "connect a P3S Adapter Loader or P3S Trainer output")
             steps = resume_adapter.training_info.get("steps", 0)
@@ -142,7 +147,8 @@ class P3STrainer:
                 raise AdapterFileError("resume_adapter", f"its step count {steps!r} is not a whole number >= 0",
                                        "resume from an adapter saved by the P3S Trainer")
         folder = save_folder()
-        need = 2 * _estimated_adapter_bytes()
+        layout = resume_adapter.config.layout if resume_adapter is not None else copy_layout
+        need = 2 * _estimated_adapter_bytes(layout)
         free = shutil.disk_usage(folder).free
         if free < need:
             raise TrainingConfigError("save_name", f"only {free / 2**30:.2f} GiB free in {folder}; saving the "
@@ -154,7 +160,7 @@ class P3STrainer:
         adapter, result, start = trainer.run_training(
             model, clip, vae, clip_vision, images, prompt, settings, path, masks=mask,
             resume=resume_adapter, gradient_checkpointing=checkpointing,
-            reproducible=bool(reproducible))
+            reproducible=bool(reproducible), copy_layout=copy_layout)
         parts = trainer.plot_parts(result.ldm_losses, result.weighted_ac_losses)
         plot = numpy_to_image([plot_losses(result.losses, 512, 256, start, parts=parts).astype("float32") / 255.0])
         text = (f"{name}: {result.steps} steps, last loss {result.losses[-1]:.5f} = L_LDM "

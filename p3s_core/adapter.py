@@ -365,6 +365,9 @@ def unet_fingerprint(unet_state_dict: Mapping[str, torch.Tensor], keys=None) -> 
         n = flat.numel()
         if n:
             idx = torch.linspace(0, n - 1, steps=min(n, 256), device=flat.device).round().long()
+            # float32 linspace rounds n - 1 up to n past 2**24 elements (the full copy's 2560-wide
+            # decoder convs): clamp, which leaves every smaller tensor's indices (and hash) as they were
+            idx = idx.clamp_(max=n - 1)
             vals = flat[idx].to("cpu", torch.float16).contiguous()
             h.update(vals.view(torch.uint8).numpy().tobytes())
     return "p3sfp1:" + h.hexdigest()

@@ -7,10 +7,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .copy_decoder import DECODER_LDM_PREFIXES
 from .copy_unet import P3SCopyUNet
 from .errors import ModelMismatchError
 
-_LDM_PREFIXES = [
+_ENCODER_LDM_PREFIXES = [
     ("time_embed.", "time_embed."),
     ("conv_in.", "input_blocks.0.0."),
     ("levels.0.res.", "input_blocks.1.0."),
@@ -25,6 +26,8 @@ _LDM_PREFIXES = [
     ("middle.res.", "middle_block.0."),
     ("middle.st.", "middle_block.1."),
 ]
+#: copy key prefix -> LDM key prefix, both layouts (the decoder's only match in "full")
+_LDM_PREFIXES = _ENCODER_LDM_PREFIXES + DECODER_LDM_PREFIXES
 
 
 def ldm_key_map(copy: P3SCopyUNet, prefix: str = "") -> dict[str, str]:

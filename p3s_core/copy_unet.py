@@ -2,7 +2,7 @@
 
     f_i = Z_i(F_i(x_t + I'', c, t))                                                    (6)
 
-The copy keeps the encoder half of the SD1.5 UNet with ONE ResNet block per level ("a simplified
+The copy keeps (layout "encoder") the encoder half of the SD1.5 UNet with ONE ResNet block per level ("a simplified
 U-Net with only one ResNet block in each block"), in the original LDM module names so that it can be
 initialised from the base UNet ControlNet-style (:func:`init_from_ldm_unet`):
 
@@ -31,26 +31,36 @@ encoder- and decoder-side layers of that level. All 16 features are exactly zero
 Odd latent sizes: the stride-2 downsample uses padding 1 like LDM, so level sizes are
 ``ceil(h / 2**level)``, the same as the original UNet's (its decoder upsamples back to those sizes).
 
+Layouts (:mod:`.copy_config`, issue 22): the table above is the ``"encoder"`` layout. ``"full"``
+adds the decoder half of :mod:`.copy_decoder` (``self.decoder``): the 9 decoder-side layers
+(``output_3`` .. ``output_11``) then read the copy's decoder level of their resolution instead of
+its encoder level (:func:`feature_index`), and the ``output_11`` counterpart of ``ATTN_MAP_KEY`` is
+the decoder's level-0 transformer.
+
 Parameter count (``count_parameters(P3SCopyUNet(CopyUNetConfig.sd15()))``): 179,614,400, of which
-the 16 zero convs hold 12,402,880 (about 718 MB in float32; the SD1.5 UNet has 859.5 M).
+the 16 zero convs hold 12,402,880 (about 718 MB in float32; the SD1.5 UNet has 859.5 M); the
+``"full"`` layout: 329,664,000 (about 1.32 GB in float32).
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterFileError, ModelMismatchError
+from .copy_blocks import (BasicTransformerBlock, CrossAttention, Downsample, ResBlock, SpatialTransformer,
+                          timestep_embedding)
+from .copy_config import (COPY_LAYOUTS, LAYER_MAP, CopyUNetConfig, feature_index, layer_key,
+                          layer_map, num_features)
+from .copy_decoder import CopyDecoder
+from .errors import ModelMismatchError
 from .operations import check_operations
 
 __all__ = [
+    "COPY_LAYOUTS",
     "CopyUNetConfig",
+    "CopyDecoder",
     "LAYER_MAP",
+    "feature_index",
+    "num_features",
     "ATTN_MAP_KEY",
     "layer_map",
     "layer_key",
@@ -67,300 +77,6 @@ __all__ = [
 ATTN_MAP_KEY = "attn_map"
 
 
-@dataclass(frozen=True)
-class CopyUNetConfig:
-    """Shape of the copy. ``channel_mult`` gives the widths of levels 0, 1, 2 (``mc * mult``); the
-    middle level has the width of level 2. Exactly three levels + middle (the SD1.5 structure)."""
-
-    in_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4)
-    context_dim: int = 768
-    num_heads: int = 8
-    time_embed_dim: int = 1280
-    groups: int = 32
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        problems = []
-        if len(self.channel_mult) != 3:
-            problems.append(f"channel_mult must have 3 entries (SD1.5 levels), got "
-                            f"{self.channel_mult}")
-        for name in ("in_channels", "model_channels", "context_dim", "num_heads",
-                     "time_embed_dim", "groups"):
-            if int(getattr(self, name)) < 1:
-                problems.append(f"{name} must be >= 1")
-        if not problems:
-            for c in self.level_channels:
-                if c % self.groups:
-                    problems.append(f"width {c} is not divisible by groups={self.groups}")
-                if c % self.num_heads:
-                    problems.append(f"width {c} is not divisible by num_heads={self.num_heads}")
-            if self.model_channels % 2:
-                problems.append("model_channels must be even (sinusoidal timestep embedding)")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            problems.append("dropout must be in [0, 1)")
-        if problems:
-            raise AdapterFileError("copy config", "; ".join(problems),
-                                   "use CopyUNetConfig.sd15() or a consistent custom config")
-
-    @property
-    def level_channels(self) -> tuple[int, int, int, int]:
-        """Widths of levels 0, 1, 2 and the middle level (3)."""
-        c = [self.model_channels * m for m in self.channel_mult]
-        return (c[0], c[1], c[2], c[2])
-
-    @classmethod
-    def sd15(cls) -> "CopyUNetConfig":
-        """The SD1.5 copy: widths 320/640/1280/1280, 8 heads, context 768."""
-        return cls()
-
-    @classmethod
-    def tiny(cls) -> "CopyUNetConfig":
-        """A few-channel copy for tests: widths 32/64/128/128, 2 heads, context 32."""
-        return cls(model_channels=32, num_heads=2, context_dim=32, time_embed_dim=128, groups=8)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (lists instead of tuples)."""
-        d = dataclasses.asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CopyUNetConfig":
-        """Inverse of :meth:`to_dict`; unknown or ill-typed keys raise :class:`AdapterFileError`."""
-        if not isinstance(d, Mapping):
-            raise AdapterFileError("copy config", f"expected a JSON object, got {type(d).__name__}",
-                                   "re-save the adapter with this P3S version")
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise AdapterFileError("copy config", f"unknown fields {unknown}",
-                                   "update the P3S pack or re-train the adapter")
-        kwargs: dict[str, Any] = {}
-        try:
-            for k, v in d.items():
-                if k == "channel_mult":
-                    kwargs[k] = tuple(int(x) for x in v)
-                elif k == "dropout":
-                    kwargs[k] = float(v)
-                else:
-                    if isinstance(v, bool) or int(v) != v:
-                        raise ValueError(f"{k}={v!r} is not an integer")
-                    kwargs[k] = int(v)
-        except (TypeError, ValueError) as exc:
-            raise AdapterFileError("copy config", f"invalid value ({exc})",
-                                   "re-save the adapter with this P3S version") from exc
-        return cls(**kwargs)
-
-
-_ORIGINAL_ATTN1 = (
-    [("input", 1, 0), ("input", 2, 0), ("input", 4, 1), ("input", 5, 1), ("input", 7, 2),
-     ("input", 8, 2), ("middle", 0, 3)]
-    + [("output", i, 2) for i in (3, 4, 5)]
-    + [("output", i, 1) for i in (6, 7, 8)]
-    + [("output", i, 0) for i in (9, 10, 11)]
-)
-
-
-def layer_key(block: Sequence[Any], transformer_index: int = 0) -> str:
-    """ComfyUI ``extra_options["block"]`` (e.g. ``("input", 4)``) -> layer-map key ``"input_4"``.
-
-    ``transformer_index`` is 0 for all SD1.5 layers (depth 1); other indices get a ``_t<i>`` suffix
-    and so match no entry of the layer map.
-    """
-    key = f"{block[0]}_{int(block[1])}"
-    return key if int(transformer_index) == 0 else f"{key}_t{int(transformer_index)}"
-
-
-def layer_map(config: CopyUNetConfig | None = None) -> list[dict[str, Any]]:
-    """The 16 SD1.5 self-attention targets, in UNet execution order, as JSON-friendly dicts:
-    ``{"key", "block": [name, id], "transformer_index", "level" (0..2, 3 = middle),
-    "downscale" (1, 2, 4, 8), "channels"}``."""
-    config = config or CopyUNetConfig.sd15()
-    out = []
-    for name, idx, level in _ORIGINAL_ATTN1:
-        out.append({"key": layer_key((name, idx)), "block": [name, idx], "transformer_index": 0,
-                    "level": level, "downscale": 2 ** level,
-                    "channels": config.level_channels[level]})
-    return out
-
-
-#: The SD1.5 layer map (see :func:`layer_map`).
-LAYER_MAP: list[dict[str, Any]] = layer_map(CopyUNetConfig.sd15())
-
-
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0
-                       ) -> torch.Tensor:
-    """LDM sinusoidal embedding [B] -> [B, dim]: ``cat([cos(t f), sin(t f)])`` with
-    ``f_j = exp(-ln(max_period) j / (dim/2))``, computed in float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period)
-                      * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
-class ResBlock(nn.Module):
-    """LDM ResBlock: ``skip(x) + out_layers(in_layers(x) + emb_layers(emb))`` (keys as LDM)."""
-
-    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
-                 groups: int = 32, dropout: float = 0.0, operations=None):
-        super().__init__()
-        ops = check_operations(operations)
-        out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(ops.GroupNorm(groups, channels, eps=1e-5), nn.SiLU(),
-                                       ops.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(ops.GroupNorm(groups, out_channels, eps=1e-5), nn.SiLU(),
-                                        nn.Dropout(dropout),
-                                        ops.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = (nn.Identity() if out_channels == channels
-                                else ops.Conv2d(channels, out_channels, 1))
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[..., None, None]
-        return self.skip_connection(x) + self.out_layers(h)
-
-
-class CrossAttention(nn.Module):
-    """LDM attention: ``to_q``/``to_k``/``to_v`` (no bias), ``to_out.0`` (bias); heads split the
-    width. ``forward(..., return_probs=True)`` also returns the head-averaged probabilities
-    ``softmax(QK^T/sqrt(d))`` [B, Nq, Nk]."""
-
-    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8,
-                 dim_head: int = 64, dropout: float = 0.0, operations=None):
-        super().__init__()
-        ops = check_operations(operations)
-        inner = heads * dim_head
-        context_dim = context_dim or query_dim
-        self.heads, self.dim_head = heads, dim_head
-        self.to_q = ops.Linear(query_dim, inner, bias=False)
-        self.to_k = ops.Linear(context_dim, inner, bias=False)
-        self.to_v = ops.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Dropout(dropout))
-
-    def _split(self, t: torch.Tensor) -> torch.Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                return_probs: bool = False):
-        context = x if context is None else context
-        q, k, v = (self._split(self.to_q(x)), self._split(self.to_k(context)),
-                   self._split(self.to_v(context)))
-        probs = None
-        if return_probs:
-            probs = torch.softmax((q @ k.transpose(-1, -2)).float() / math.sqrt(self.dim_head),
-                                  dim=-1)
-            out = probs.to(v.dtype) @ v
-            probs = probs.mean(dim=1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        b, _, n, _ = out.shape
-        out = self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
-        return (out, probs) if return_probs else out
-
-
-class _GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int, operations=None):
-        super().__init__()
-        self.proj = check_operations(operations).Linear(dim_in, dim_out * 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-
-class _FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, operations=None):
-        super().__init__()
-        self.net = nn.Sequential(_GEGLU(dim, dim * mult, operations), nn.Dropout(dropout),
-                                 check_operations(operations).Linear(dim * mult, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class BasicTransformerBlock(nn.Module):
-    """LDM block: self-attention, cross-attention to the text context, GEGLU feed-forward."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int, dropout: float = 0.0, operations=None):
-        super().__init__()
-        ops = check_operations(operations)
-        d_head = dim // heads
-        self.attn1 = CrossAttention(dim, None, heads, d_head, dropout, ops)
-        self.ff = _FeedForward(dim, 4, dropout, ops)
-        self.attn2 = CrossAttention(dim, context_dim, heads, d_head, dropout, ops)
-        self.norm1, self.norm2, self.norm3 = ops.LayerNorm(dim), ops.LayerNorm(dim), ops.LayerNorm(dim)
-
-    def self_part(self, x: torch.Tensor) -> torch.Tensor:
-        """The self-attention half: it reads no text context, so rows with equal input share it."""
-        return self.attn1(self.norm1(x)) + x
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False,
-                expand: torch.Tensor | None = None):
-        """``expand`` (a row index): ``x`` holds only the distinct rows; the self-attention runs on
-        them and its output is expanded to the full batch before the text cross-attention."""
-        x = self.self_part(x)
-        if expand is not None:
-            x = x.index_select(0, expand)
-        probs = None
-        if return_attn:
-            a, probs = self.attn2(self.norm2(x), context, return_probs=True)
-        else:
-            a = self.attn2(self.norm2(x), context)
-        x = a + x
-        x = self.ff(self.norm3(x)) + x
-        return (x, probs) if return_attn else x
-
-
-class SpatialTransformer(nn.Module):
-    """LDM SpatialTransformer (conv proj_in/proj_out, depth 1): ``x + proj_out(blocks(proj_in(norm x)))``."""
-
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32,
-                 dropout: float = 0.0, operations=None):
-        super().__init__()
-        ops = check_operations(operations)
-        self.norm = ops.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = ops.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, context_dim, dropout, ops)])
-        self.proj_out = ops.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False,
-                expand: torch.Tensor | None = None):
-        """``expand``: see :meth:`BasicTransformerBlock.forward` (``x`` holds the distinct rows;
-        the output has the full batch)."""
-        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
-        if expand is not None:
-            x = x.index_select(0, expand)
-        b, c, h, w = x.shape
-        probs = None
-        for i, blk in enumerate(self.transformer_blocks):
-            e = expand if i == 0 else None
-            if return_attn:
-                t, probs = blk(t, context, return_attn=True, expand=e)
-            else:
-                t = blk(t, context, expand=e)
-        out = x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
-        return (out, probs) if return_attn else out
-
-
-class Downsample(nn.Module):
-    """LDM Downsample: ``op`` = Conv3x3, stride 2, padding 1 (output size ceil(h/2))."""
-
-    def __init__(self, channels: int, operations=None):
-        super().__init__()
-        self.op = check_operations(operations).Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
 
 
 class _Level(nn.Module):
@@ -427,6 +143,8 @@ class P3SCopyUNet(nn.Module):
                                      _Level(ch[1], ch[2], cfg, ops)])
         self.downs = nn.ModuleList([Downsample(ch[0], ops), Downsample(ch[1], ops), Downsample(ch[2], ops)])
         self.middle = _Level(ch[2], ch[3], cfg, ops)
+        #: the decoder half of the "full" layout (issue 22); None in the "encoder" layout
+        self.decoder = CopyDecoder(cfg, ops) if cfg.layout == "full" else None
         self.layer_map = layer_map(cfg)
         self.zero_convs = nn.ModuleDict({e["key"]: _zero_conv(e["channels"], ops)
                                          for e in self.layer_map})
@@ -437,8 +155,10 @@ class P3SCopyUNet(nn.Module):
     def level_features(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                        ref: torch.Tensor | None = None, return_attn_map: bool = False,
                        dtype: torch.dtype | None = None):
-        """``F_level(x_t + I'', c, t)`` for the 4 levels: list of [B, C_l, h_l, w_l] (before the
-        zero convs); with ``return_attn_map`` also the level-0 attn2 map [B, h*w, tokens].
+        """The copy features ``F(x_t + I'', c, t)`` in :func:`feature_index` order: the 4 encoder /
+        middle levels, then (layout "full") decoder levels 2, 1, 0; each [B, C_l, h_l, w_l] (before
+        the zero convs). With ``return_attn_map`` also the attn2 map [B, h*w, tokens] of the
+        full-resolution transformer that feeds ``output_11`` (encoder level 0, or decoder level 0).
         ``dtype``: the compute dtype (None = the weights'; another one needs a casting layer family)."""
         cfg = self.config
         if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
@@ -469,10 +189,11 @@ class P3SCopyUNet(nn.Module):
         h = self.conv_in(x_t.to(dtype))
         context = context.to(dtype)
         feats, amap = [], None
+        full = self.decoder is not None
         for i, (level, down) in enumerate(zip(self.levels, self.downs)):
             h = level.res(h, emb)
             e = inv if i == 0 else None
-            if i == 0 and return_attn_map:
+            if i == 0 and return_attn_map and not full:
                 h, amap = level.st(h, context, return_attn=True, expand=e)
             else:
                 h = level.st(h, context, expand=e)
@@ -483,7 +204,16 @@ class P3SCopyUNet(nn.Module):
         h = self.middle.res(h, emb)
         h = self.middle.st(h, context)
         feats.append(h)
+        if full:
+            res = self.decoder(h, feats[:3], emb, context, return_attn=return_attn_map)
+            dec, amap = res if return_attn_map else (res, None)
+            feats.extend(dec)
         return (feats, amap) if return_attn_map else feats
+
+    def feature_transformers(self) -> list[nn.Module]:
+        """The copy's SpatialTransformers in :func:`feature_index` order (4, or 7 in "full")."""
+        out = [lvl.st for lvl in self.levels] + [self.middle.st]
+        return out + (self.decoder.transformers() if self.decoder is not None else [])
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 ref: torch.Tensor | None = None, return_attn_map: bool = False,
@@ -492,16 +222,17 @@ class P3SCopyUNet(nn.Module):
         ``context`` [B,77,768], ``ref`` = I'' [B,4,h,w] (already at x_t's size; None = no
         reference). Returns ``{key: [B, h_l*w_l, C_l]}``; with ``return_attn_map`` the dict also
         holds ``ATTN_MAP_KEY`` -> the level-0 transformer's attn2 probabilities averaged over heads
-        [B, h*w, 77]. That copy layer (320 wide, full latent resolution) is the counterpart of the
-        original UNet's LAST cross-attention layer (``output_blocks.11``), used by the attention
-        consistency loss (Eq. 11-13). ``dtype``: see :meth:`level_features`."""
+        [B, h*w, 77]. That copy layer (320 wide, full latent resolution: encoder level 0, or decoder
+        level 0 in the "full" layout) is the counterpart of the original UNet's LAST cross-attention
+        layer (``output_blocks.11``), used by the attention consistency loss (Eq. 11-13). ``dtype``: see :meth:`level_features`."""
         res = self.level_features(x_t, timesteps, context, ref, return_attn_map, dtype)
         feats, amap = res if return_attn_map else (res, None)
         out: dict[str, torch.Tensor] = {}
         for e in self.layer_map:
             # Z_i, the 1x1 conv, called as a layer (its family may cast its weight), as tokens
             # [B, h*w, C] in ComfyUI's layout (a transposed view).
-            out[e["key"]] = self.zero_convs[e["key"]](feats[e["level"]]).flatten(2).transpose(1, 2)
+            feat = feats[feature_index(e)]
+            out[e["key"]] = self.zero_convs[e["key"]](feat).flatten(2).transpose(1, 2)
         if return_attn_map:
             out[ATTN_MAP_KEY] = amap
         return out

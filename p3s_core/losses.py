@@ -186,15 +186,15 @@ def _probs_of(attn, x, context) -> torch.Tensor:
 
 @contextlib.contextmanager
 def copy_attention_hooks(adapter, sink: dict):
-    """Forward hooks on the copy's four cross-attention layers writing ``sink[level] = map``."""
-    copy = adapter.copy
-    mods = [lvl.st.transformer_blocks[0].attn2 for lvl in copy.levels]
-    mods.append(copy.middle.st.transformer_blocks[0].attn2)
+    """Forward hooks on the copy's cross-attention layers (4, or 7 in the "full" layout) writing
+    ``sink[feature index] = map`` (:func:`~p3s_core.copy_config.feature_index` of a layer-map entry
+    names the map that layer's loss term reads)."""
+    mods = [st.transformer_blocks[0].attn2 for st in adapter.copy.feature_transformers()]
     handles = []
-    for level, mod in enumerate(mods):
-        def hook(module, args, output, level=level):
+    for index, mod in enumerate(mods):
+        def hook(module, args, output, index=index):
             x, context = args[0], (args[1] if len(args) > 1 else args[0])
-            sink[level] = _probs_of(module, x, context)
+            sink[index] = _probs_of(module, x, context)
         handles.append(mod.register_forward_hook(hook))
     try:
         yield sink

@@ -137,6 +137,18 @@ def profile_step(nodes, plain_model, p3s_model, adapter, pos, neg, size: int, re
     return out
 
 
+def random_sd15(nodes, prompt: str = "a photo of sks dog"):
+    """``(model, clip, vae, pos, neg)``: the random SD1.5 through the core loader, and the prompt's
+    and the empty prompt's conditioning (what the benchmarks sample with)."""
+    import torch
+
+    node = nodes.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        model, clip, vae = node["CheckpointLoaderSimple"]().load_checkpoint("p3s_random_sd15.safetensors")[:3]
+        enc = node["CLIPTextEncode"]()
+        return model, clip, vae, enc.encode(clip, prompt)[0], enc.encode(clip, "")[0]
+
+
 def build_models(nodes, pack, size: int) -> dict:
     """The random SD1.5 + a P3S adapter initialised from it (active zero convs), as the benchmark
     builds them: a dict with ``model``, ``p3s``, ``p3s0`` (weight 0), ``p3s_pooled`` (the opt-in

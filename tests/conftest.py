@@ -70,6 +70,32 @@ class InProcessComfy(SimpleNamespace):
 
         return importlib.import_module(f"{self.pack.__name__}.p3s_core.{module}")
 
+    def injected_layers(self, sd15, clip_vision, adapter, image, prompt: str, size: int, seed: int = 5):
+        """One KSampler step (ddim, CFG 7.5) of the Condition Injector's MODEL with ``adapter`` and
+        reference ``image``; returns ``(samples, keys)``: the keys of the self-attention layers
+        whose K/V held the extra copy tokens (seen by an attn1 patch chained after P3S's)."""
+        import torch
+
+        seen = set()
+        layer_key = self.core("copy_unet").layer_key
+
+        def probe(n, context, value, extra_options):
+            if context.shape[1] == 2 * n.shape[1]:
+                seen.add(layer_key(extra_options["block"]))
+            return n, context, value
+
+        enc = self.node("CLIPTextEncode")()
+        with torch.inference_mode():
+            pos, neg = enc.encode(sd15.clip, prompt)[0], enc.encode(sd15.clip, "")[0]
+            patched = self.node("P3SConditionInjector")().inject(sd15.model, adapter, image, sd15.vae, clip_vision,
+                                                                 lam=0.2, strength=1.0, apply_to="cond and uncond")[0]
+            probed = patched.clone()
+            probed.set_model_attn1_patch(probe)
+            latent = self.node("EmptyLatentImage")().generate(size, size, 1)[0]
+            out = self.node("KSampler")().sample(probed, seed, 1, 7.5, "ddim", "normal", pos, neg, latent,
+                                                 denoise=1.0)[0]["samples"]
+        return out, seen
+
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):

@@ -62,7 +62,8 @@ def cmd_train(args) -> int:
     pipe = db.load_pipeline(args.model, tokenizer=args.tokenizer, dtype=pick_dtype(args.dtype), device=dev)
     clip = load_clip_vision(args.clip_vision, dev)
     write_config(out.parent, "train", args)
-    res = train_one(pipe, clip, photos, args.prompt, settings, out, args.masks)
+    res = train_one(pipe, clip, photos, args.prompt, settings, out, args.masks,
+                    copy_layout=args.copy_layout)
     print(f"P3S train: {res.steps} steps, last loss {res.losses[-1]:.5f}; adapter saved to {out}")
     return 0
 

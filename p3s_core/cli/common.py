@@ -199,15 +199,16 @@ def prepare_training(pipe, clip, photos: Sequence[Path], prompt: str, resolution
 
 
 def train_one(pipe, clip, photos, prompt, settings, out_path, masks_dir=None, progress=True,
-              desc="P3S train"):
-    """Train one adapter on ``photos`` and save it atomically to ``out_path``; returns the result."""
+              desc="P3S train", copy_layout: str = "encoder"):
+    """Train one adapter (copy layout ``copy_layout``, ``--copy-layout``) on ``photos`` and save it
+    atomically to ``out_path``; returns the result."""
     from .. import diffusers_engine as db
     from ..adapter import save_adapter
     from ..precision import resolve_precision
     from ..train import train_adapter
 
     batches = prepare_training(pipe, clip, photos, prompt, settings.resolution, masks_dir)
-    adapter = db.new_adapter_for_unet(pipe.unet, seed=settings.seed, config=db.copy_config_for(pipe.unet),
+    adapter = db.new_adapter_for_unet(pipe.unet, seed=settings.seed, config=db.copy_config_for(pipe.unet, copy_layout),
                                       clip_dim=int(clip.config.hidden_size), training={"steps": 0})
     device = next(pipe.unet.parameters()).device
     adapter.to(device)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..copy_config import COPY_LAYOUTS, DEFAULT_COPY_LAYOUT
 from ..errors import P3SError
 from .commands import cmd_eval, cmd_generate, cmd_mask, cmd_train
 from .common import CLIInputError
@@ -35,6 +36,9 @@ def _train_args(p):
     p.add_argument("--ac-layers", default="last", choices=("last", "all"),
                    help="L_ac on the last cross-attention layer (paper) or all 16 (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="short side of the photos (default: %(default)s)")
+    p.add_argument("--copy-layout", default=DEFAULT_COPY_LAYOUT, choices=COPY_LAYOUTS,
+                   help="trainable copy: 'encoder' (encoder half + middle) or 'full' (+ a decoder half, "
+                        "as the paper; more parameters, slower steps) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (0 = torch's default). On the CPU the same seed gives the same adapter "

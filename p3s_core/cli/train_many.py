@@ -195,7 +195,8 @@ def cmd_train_many(args) -> int:
         for s, photos, prompt, steps in todo:
             t0 = time.time()
             res = train_one(pipe, clip, photos, prompt, settings, out / f"{s.name}.safetensors",
-                            progress=rank == 0 or world == 1, desc=f"[rank {rank}] {s.name}")
+                            progress=rank == 0 or world == 1, desc=f"[rank {rank}] {s.name}",
+                            copy_layout=args.copy_layout)
             _append_log(out, {"subject": s.name, "rank": rank, "steps": res.steps,
                               "loss": res.losses[-1], "seconds": round(time.time() - t0, 2)})
     if token is not None:

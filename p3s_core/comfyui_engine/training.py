@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..copy_config import DEFAULT_COPY_LAYOUT, check_copy_layout
 from ..errors import TrainingDivergedError
 from ..train import TrainSettings
 from .frozen_unet import checkpointing_pays, frozen_unet_copy
@@ -15,15 +16,18 @@ from .training_step import build_step_fn
 log = logging.getLogger("P3S")
 
 
-def new_training_adapter(unet, resume=None, seed: int = 0):
-    """A fresh adapter initialised from the (frozen copy of the) base UNet, or a private copy of
-    ``resume`` (never trained in place: nodes are pure). Outside inference mode, float32, CPU."""
+def new_training_adapter(unet, resume=None, seed: int = 0, copy_layout: str = DEFAULT_COPY_LAYOUT):
+    """A fresh adapter initialised from the (frozen copy of the) base UNet with the copy layout
+    ``copy_layout`` (issue 22), or a private copy of ``resume`` (never trained in place: nodes are
+    pure; it keeps its own layout). Outside inference mode, float32, CPU."""
     from ..adapter import P3SAdapter, new_adapter
+    from ..copy_config import CopyUNetConfig
 
     with torch.inference_mode(False), torch.no_grad():
         if resume is None:
             sd = {k: v.to("cpu") for k, v in unet.state_dict().items()}
-            return new_adapter(unet_state_dict=sd, seed=seed, training={"steps": 0})
+            return new_adapter(CopyUNetConfig.sd15(copy_layout), unet_state_dict=sd, seed=seed,
+                               training={"steps": 0})
         adapter = P3SAdapter(resume.config, resume.lam, dict(resume.training_info),
                              resume.encoder.clip_dim, resume.encoder.inner_dim,
                              resume.base_unet_hash)
@@ -34,7 +38,8 @@ def new_training_adapter(unet, resume=None, seed: int = 0):
 
 def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: TrainSettings,
                  save_path, masks=None, resume=None, gradient_checkpointing: bool | None = None,
-                 precision: str = "auto", log_every: int = 0, reproducible: bool = True):
+                 precision: str = "auto", log_every: int = 0, reproducible: bool = True,
+                 copy_layout: str = DEFAULT_COPY_LAYOUT):
     """Cache inputs, train (:func:`p3s_core.train.train_adapter`) and save atomically to
     ``save_path`` every ``settings.save_every`` steps and at the end.
 
@@ -48,6 +53,8 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
     metadata (``precision``, ``skipped_steps``) and the log.
     ``reproducible`` (default): on the CPU the steps run on one thread
     (:func:`p3s_core.train.reproducible_threads`), so the same seed writes the same adapter bytes.
+    ``copy_layout``: the copy layout of a new adapter (:data:`p3s_core.copy_config.COPY_LAYOUTS`);
+    a resumed adapter keeps its own.
     """
     import comfy.model_management as mm
     import comfy.utils
@@ -58,6 +65,7 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
     from ..train import reproducible_threads, train_adapter
 
     settings.validate(prompt)
+    check_copy_layout(copy_layout)
     device = mm.get_torch_device()
     start_step = int((resume.training_info or {}).get("steps", 0)) if resume is not None else 0
     unet = batches = adapter = ctx = None
@@ -71,7 +79,7 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         unet = frozen_unet_copy(model, device)
         if gradient_checkpointing is None:
             gradient_checkpointing = checkpointing_pays(device, settings.resolution)
-        adapter = new_training_adapter(unet, resume, settings.seed)
+        adapter = new_training_adapter(unet, resume, settings.seed, copy_layout)
         _warn_if_other_base(adapter, unet)
         with torch.inference_mode(False):
             adapter.to(device)

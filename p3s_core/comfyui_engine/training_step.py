@@ -36,8 +36,9 @@ Decisions:
   to ("the frozen and slower-changing source model"); ``detach_original=False`` lets gradients
   reach the copy through ``M_o`` too.
 * ``ac_layers="all"`` (Table IV's "whole U-Net"): every one of the 16 SD1.5 cross-attention layers
-  is compared with the copy's cross-attention map of the level with the same resolution (LAYER_MAP),
-  and the 16 losses are averaged.
+  is compared with the cross-attention map of the copy layer that feeds it (the layer map's
+  :func:`~p3s_core.copy_config.feature_index`: the level with the same resolution, on the decoder
+  side the copy's decoder in the "full" layout), and the 16 losses are averaged.
 * Precision (:mod:`p3s_core.precision`): bf16 autocast on GPUs that have it; fp16 autocast with
   fp32 master weights and dynamic loss scaling on fp16-only GPUs; TF32 matmuls where available. ``gradient_checkpointing``
   recomputes the frozen UNet's blocks in the backward pass; by default (None) it is on where it
@@ -52,7 +53,7 @@ from typing import Callable
 
 import torch
 
-from ..copy_unet import ATTN_MAP_KEY, LAYER_MAP, layer_key
+from ..copy_unet import ATTN_MAP_KEY, LAYER_MAP, feature_index, layer_key
 from ..encoder import fit_reference
 from ..errors import ModelMismatchError, TrainingConfigError
 from ..injection import token_grid
@@ -182,7 +183,7 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
         hooks = copy_attention_hooks(adapter, copy_maps)
         hooks.__enter__()
         ctx.closers.append(lambda: hooks.__exit__(None, None, None))
-    level_of = {e["key"]: e["level"] for e in LAYER_MAP}
+    feature_of = {e["key"]: feature_index(e) for e in adapter.layer_map}
     bg = float(settings.mask_background_weight)
     run_id = uuid.uuid4()
 
@@ -227,7 +228,7 @@ def build_step_fn(model, adapter, settings: TrainSettings, unet=None, device=Non
         else:
             parts = []
             for key, m_o in capture.maps.items():
-                m_c = copy_maps.get(level_of.get(key, -1))
+                m_c = copy_maps.get(feature_of.get(key, -1))
                 if m_c is None:
                     continue
                 parts.append(attention_consistency_loss(m_c.float(), m_o.float(),

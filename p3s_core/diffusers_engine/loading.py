@@ -147,6 +147,16 @@ _LDM_TO_DIFFUSERS = [
     ("input_blocks.9.0.op.", "down_blocks.2.downsamplers.0.conv.", None),
     ("middle_block.0.", "mid_block.resnets.0.", _RES),
     ("middle_block.1.", "mid_block.attentions.0.", None),
+    # the decoder half of the "full" copy layout (issue 22, :mod:`p3s_core.copy_decoder`)
+    ("output_blocks.2.1.", "up_blocks.0.upsamplers.0.", None),
+    ("output_blocks.3.0.", "up_blocks.1.resnets.0.", _RES),
+    ("output_blocks.3.1.", "up_blocks.1.attentions.0.", None),
+    ("output_blocks.5.2.", "up_blocks.1.upsamplers.0.", None),
+    ("output_blocks.6.0.", "up_blocks.2.resnets.0.", _RES),
+    ("output_blocks.6.1.", "up_blocks.2.attentions.0.", None),
+    ("output_blocks.8.2.", "up_blocks.2.upsamplers.0.", None),
+    ("output_blocks.9.0.", "up_blocks.3.resnets.0.", _RES),
+    ("output_blocks.9.1.", "up_blocks.3.attentions.0.", None),
 ]
 
 
@@ -185,9 +195,9 @@ def ldm_state_from_diffusers(unet_state: Mapping[str, torch.Tensor], config=None
     return out
 
 
-def copy_config_for(unet):
+def copy_config_for(unet, layout: str = "encoder"):
     """The :class:`~p3s_core.copy_unet.CopyUNetConfig` matching a diffusers UNet's widths (SD1.5:
-    ``CopyUNetConfig.sd15()``; tiny test UNets: their own widths)."""
+    ``CopyUNetConfig.sd15(layout)``; tiny test UNets: their own widths)."""
     from ..copy_unet import CopyUNetConfig
 
     c = unet.config
@@ -196,7 +206,8 @@ def copy_config_for(unet):
     return CopyUNetConfig(in_channels=int(c.in_channels), model_channels=int(b[0]),
                           channel_mult=tuple(int(x // b[0]) for x in b[:3]),
                           context_dim=int(c.cross_attention_dim), num_heads=int(heads),
-                          time_embed_dim=4 * int(b[0]), groups=int(c.norm_num_groups))
+                          time_embed_dim=4 * int(b[0]), groups=int(c.norm_num_groups),
+                          layout=layout)
 
 
 def new_adapter_for_unet(unet, seed: int = 0, config=None, **kwargs):

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..copy_unet import ATTN_MAP_KEY, LAYER_MAP
+from ..copy_unet import ATTN_MAP_KEY, feature_index
 from ..errors import ModelMismatchError, TrainingConfigError
 from ..losses import copy_attention_hooks
 from ..precision import TrainingPrecision
@@ -76,7 +76,7 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
     precision = precision or TrainingPrecision()
     maps: dict[str, torch.Tensor] = {}
     copy_out: dict = {}
-    level_of = {e["key"]: e["level"] for e in LAYER_MAP}
+    feature_of = {e["key"]: feature_index(e) for e in adapter.layer_map}
     names = list(_ATTN2_KEYS) if settings.ac_layers == "all" else [LAST_CROSS_ATTENTION]
     copy_maps: dict[int, torch.Tensor] = {}
 
@@ -134,8 +134,8 @@ def build_step_fn(unet, adapter, settings, scheduler_config: Mapping[str, Any] |
             l_ac = attention_consistency_loss(m_c.float(), m_o.float(), hw_c=(h, w),
                                               hw_o=token_grid(m_o.shape[1], (h, w)))
         else:
-            parts = [attention_consistency_loss(copy_maps[level_of[k]].float(), m.float())
-                     for k, m in maps.items() if level_of.get(k) in copy_maps]
+            parts = [attention_consistency_loss(copy_maps[feature_of[k]].float(), m.float())
+                     for k, m in maps.items() if feature_of.get(k) in copy_maps]
             if len(parts) != len(names):
                 raise ModelMismatchError("model", f"only {len(parts)} of {len(names)} cross-"
                                          "attention maps were captured", "train on a plain SD1.5 UNet")

@@ -897,9 +897,10 @@ def test_trainer_clip_vision_not_vit_l14(comfy, train_args, other_clip_visions):
 
 
 @pytest.mark.parametrize("name,value", [("ac_reading", "printed"), ("reference_pairing", "random photo"),
-                                        ("gradient_checkpointing", "sometimes")])
+                                        ("gradient_checkpointing", "sometimes"), ("copy_layout", "half")])
 def test_trainer_choice_not_in_list(comfy, train_args, name, value):
-    fix = {"ac_reading": "'mass'", "reference_pairing": "'other photo'", "gradient_checkpointing": "auto"}[name]
+    fix = {"ac_reading": "'mass'", "reference_pairing": "'other photo'", "gradient_checkpointing": "auto",
+           "copy_layout": "'encoder'"}[name]
     with expect(comfy, "TrainingConfigError", name, fix, "is not one of"):
         train(comfy, train_args, **{name: value})
 

@@ -492,6 +492,7 @@ REFUSED_400 = {
     "`test_trainer_choice_not_in_list[ac_reading-printed]`": (trainer_graph(ac_reading="printed"), "value_not_in_list"),
     "`test_trainer_choice_not_in_list[reference_pairing-random photo]`": (
         trainer_graph(reference_pairing="random photo"), "value_not_in_list"),
+    "`test_trainer_choice_not_in_list[copy_layout-half]`": (trainer_graph(copy_layout="half"), "value_not_in_list"),
     # the P3S Trainer's VALIDATE_INPUTS (it also accepts the true / false of older workflows)
     "`test_trainer_choice_not_in_list[gradient_checkpointing-sometimes]`": (
         trainer_graph(gradient_checkpointing="sometimes"), "custom_validation_failed"),

@@ -115,25 +115,7 @@ def test_saved_file_loads_and_differs_from_the_untrained_init(comfy, sd15, first
 def test_trained_adapter_drives_the_injector_in_a_ksampler_run(comfy, sd15, clip_vision, photos, first_run):
     """The trained adapter feeds all 16 self-attention layers of a real KSampler step (Eq. 7-8)."""
     copy_mod = comfy.core("copy_unet")
-    adapter = first_run.out["result"][0]
-    enc = comfy.node("CLIPTextEncode")()
-    seen = set()
-
-    def probe(n, context, value, extra_options):  # chained after the P3S patch
-        if context.shape[1] == 2 * n.shape[1]:
-            seen.add(copy_mod.layer_key(extra_options["block"]))
-        return n, context, value
-
-    with torch.inference_mode():
-        pos, neg = enc.encode(sd15.clip, PROMPT)[0], enc.encode(sd15.clip, "")[0]
-        patched = comfy.node("P3SConditionInjector")().inject(sd15.model, adapter, photos.images[:1], sd15.vae,
-                                                              clip_vision, lam=0.2, strength=1.0,
-                                                              apply_to="cond and uncond")[0]
-        probed = patched.clone()
-        probed.set_model_attn1_patch(probe)
-        latent = comfy.node("EmptyLatentImage")().generate(SIZE, SIZE, 1)[0]
-        out = comfy.node("KSampler")().sample(probed, 5, 1, 7.5, "ddim", "normal", pos, neg, latent,
-                                              denoise=1.0)[0]["samples"]
+    out, seen = comfy.injected_layers(sd15, clip_vision, first_run.out["result"][0], photos.images[:1], PROMPT, SIZE)
     assert torch.isfinite(out).all() and out.shape == (1, 4, SIZE // 8, SIZE // 8)
     assert seen == {e["key"] for e in copy_mod.LAYER_MAP}
 

@@ -224,3 +224,52 @@ def test_an_unknown_beta_schedule_is_refused():
 
     with pytest.raises(P3SError, match="beta_schedule"):
         training_betas({"beta_schedule": "sigmoid"})
+
+
+# --- the "full" copy layout (issue 22) ---------------------------------------------------------------
+def test_full_copy_decoder_initialised_from_diffusers_matches_the_up_blocks(unet):
+    """Decoder level l of the copy computes what diffusers' up block of that level computes with its
+    first ResNet + transformer, and each copy upsample what that block's upsampler does."""
+    adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet, "full"), clip_dim=16,
+                                      encoder_inner_dim=8)
+    dec = adapter.copy.decoder
+    assert adapter.copy.config.layout == "full" and dec is not None
+    _x, t, ctx = inputs()
+    temb = unet.time_embedding(unet.time_proj(t.expand(2)).float())
+    g = torch.Generator().manual_seed(5)
+    # (copy level, its diffusers up block, input width h + skip, the upsample into it, its source)
+    cases = [(2, 1, 128 + 128, 2, unet.up_blocks[0]), (1, 2, 128 + 64, 1, unet.up_blocks[1]),
+             (0, 3, 64 + 32, 0, unet.up_blocks[2])]
+    with torch.no_grad():
+        for lvl, up_idx, cin, ups_idx, up_src in cases:
+            blk = unet.up_blocks[up_idx]
+            h = torch.randn(2, cin, 4, 4, generator=g)
+            a = dec.levels[lvl].st(dec.levels[lvl].res(h, temb), ctx)
+            r = blk.resnets[0](h, temb)
+            b = blk.attentions[0](r, encoder_hidden_states=ctx, return_dict=False)[0]
+            assert torch.allclose(a, b, atol=1e-5), (lvl, float((a - b).abs().max()))
+            c = up_src.upsamplers[0].channels
+            u = torch.randn(2, c, 3, 3, generator=g)
+            ua, ub = dec.ups[ups_idx](u, (5, 6)), up_src.upsamplers[0](u, output_size=(5, 6))
+            assert ua.shape == (2, c, 5, 6) and torch.allclose(ua, ub, atol=1e-5), lvl
+
+
+@pytest.mark.parametrize("layout", ["encoder", "full"])
+def test_training_step_both_layouts_trains_the_layers_that_feed_the_decoder(unet, layout):
+    adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet, layout), clip_dim=16,
+                                      encoder_inner_dim=8)
+    for ac in ("last", "all"):
+        step_fn, close = db.build_step_fn(unet, adapter, TrainSettings(ac_layers=ac))
+        try:
+            adapter.requires_grad_(True)
+            g = torch.Generator().manual_seed(0)
+            l_ldm, l_ac = step_fn(adapter, torch.randn(1, 4, 8, 8), torch.randn(1, 7, 32), torch.randn(1, 5, 16), g)
+            (l_ldm + 0.1 * l_ac).backward()
+        finally:
+            close()
+        assert math.isfinite(float(l_ldm.detach())) and float(l_ac.detach()) > 0
+        assert adapter.copy.zero_convs["output_11"].weight.grad.abs().sum() > 0
+        # L_ac reaches the transformer that feeds output_11: encoder level 0, or the decoder's level 0
+        st = adapter.copy.decoder.levels[0].st if layout == "full" else adapter.copy.levels[0].st
+        assert st.transformer_blocks[0].attn2.to_k.weight.grad.abs().sum() > 0
+        adapter.zero_grad(set_to_none=True)
