@@ -96,8 +96,9 @@ def main(argv=None) -> int:
         per_step[name] = {"median_s": statistics.median(times[name]), "times_s": times[name],
                           "ratio_to_plain": statistics.median(ratios),
                           "ratio_spread": [min(ratios), max(ratios)]}
-    result = {"command": "benchmarks/copy_layouts.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    import results_file
+
+    result = {**results_file.stamp(None if argv is None else ["benchmarks/copy_layouts.py", *argv]),
               "comfyui": comfyui_version.__version__, "torch": torch.__version__, "device": "cpu",
               "threads": torch.get_num_threads(), "attention": kernel, "size": args.size,
               "latent": [lat, lat], "steps": args.steps, "rounds": args.rounds,

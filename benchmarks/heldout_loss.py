@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     import results_file
 
     # Each part carries its own stamp (date, command, machine; a part run alone keeps the other's).
-    run = {**results_file.stamp(argv), "torch": torch.__version__}
+    run = {**results_file.stamp(None if argv is None else ["benchmarks/heldout_loss.py", *argv]), "torch": torch.__version__}
     if args.part in ("both", "comfyui"):
         t0 = time.perf_counter()
         comfy, sd15, cv = boot()

@@ -568,6 +568,28 @@ def render_errors_doc(root: Path) -> str:
             "prompts in between that must still succeed, and fails if a row has no prompt or a prompt has no row.\n")
 
 
+# --- the two copy layouts (issue 22 item 2) -----------------------------------------------------------------
+def render_copy_layouts(root: Path) -> str:
+    r = load(root, f"{RESULTS_DIR}/copy_layouts.json")
+    ps, params = r["per_step"], r["parameters"]
+    lines = [f"Measured in one run, interleaved ({_when(r)}; {r['size']}², PyTorch SDPA, real ComfyUI {r['comfyui']}, "
+             f"{r['rounds']} rounds of {r['steps']} DDIM steps, the order reversed every other round; a ratio is the "
+             "median over rounds of layout / plain of the same round, spread min–max):", "",
+             "| | per step | vs. plain | copy parameters | copy transformers |", "|---|---|---|---|---|"]
+    for name in ("plain", "encoder", "full"):
+        p = ps[name]
+        lo, hi = p["ratio_spread"]
+        c = params.get(name)
+        lines.append(f"| {'plain SD1.5' if name == 'plain' else f'`{name}`'} | {p['median_s']:.2f} s | "
+                     f"{p['ratio_to_plain']:.2f}× ({lo:.2f}–{hi:.2f}) | "
+                     + (f"{c['copy'] / 1e6:.1f} M | {c['copy_transformers']} |" if c else "– | – |"))
+    slower = ps["full"]["median_s"] / ps["encoder"]["median_s"] - 1
+    grow = params["full"]["copy"] / params["encoder"]["copy"]
+    lines += ["", f"`full` makes a P3S step {slower:.0%} slower than `encoder` and has {grow:.1f}× its parameters "
+              "(file size and the optimiser state of training grow with them)."]
+    return "\n".join(lines) + "\n"
+
+
 # --- held-out denoising loss against the plain model (issue 22 item 4) ---------------------------------
 HELDOUT_PARTS = {"comfyui": "The random SD1.5 through the real nodes",
                  "toyworld": "The toy world's trained denoiser through the diffusers engine"}
@@ -668,6 +690,7 @@ BLOCKS: list[Block] = [
           "scripts/bench_reproducible.py --resolution 64 --out benchmarks/results/reproducible.json"),
     Block("train-memory", "README.md", (f"{R}/bench.json", f"{R}/train_memory_*.json"), render_train_memory,
           "benchmarks/bench_train.py --resolution R --checkpointing off|on --out benchmarks/results/train_memory_R_off|on.json"),
+    Block("copy-layouts", "README.md", (f"{R}/copy_layouts.json",), render_copy_layouts, "benchmarks/copy_layouts.py"),
     Block("heldout", "README.md", (f"{R}/heldout_loss.json",), render_heldout_section, "benchmarks/heldout_loss.py"),
     Block("errors", "README.md", (ERRORS_DOC,), render_errors_readme, None),
     Block("errors-counts", ERRORS_DOC, (ERRORS_DOC,), render_errors_doc, None),

@@ -84,6 +84,8 @@ def _edit_json(root: Path, name: str, edit) -> None:
      "25.0–50.0 %"),
     ("train-memory", "bench.json", lambda d: d["train"][0].__setitem__("peak_rss_mib", 10 * 1024),
      "| 10.0 GiB |"),
+    ("copy-layouts", "copy_layouts.json", lambda d: d["per_step"]["full"].__setitem__("ratio_to_plain", 2.345),
+     "2.35× ("),
     ("heldout", "heldout_loss.json",
      lambda d: d["comfyui"]["summary"]["other photo"].update(trained=0.123456, trained_vs_plain=-0.987), "| -98.7% |"),
     ("heldout", "heldout_loss.json", lambda d: d["toyworld"]["dilution_untrained"].__setitem__("mean", 0.777),
