@@ -5,7 +5,7 @@ import os
 import shutil
 
 from .adapter_nodes import adapter_file_name, check_adapter
-from .common import ADAPTER, CATEGORY, check_choice, check_image_batch, check_text, numpy_to_image
+from .common import ADAPTER, CATEGORY, check_image_batch, check_text, numpy_to_image
 
 #: issue 22: the injection the new adapter learns (node text -> p3s_core.copy_unet.ENHANCEMENTS)
 ENHANCEMENTS = {"self + cross attention (paper)": "cross", "self-attention only": "self"}
@@ -123,7 +123,9 @@ class P3STrainer:
         check_image_batch(images, "images")  # the same IMAGE checks as every P3S node (RGB, finite, float)
         check_text(prompt, "prompt", fix="write a short prompt such as 'a photo of sks dog'")
         mask = _check_mask(images, mask)
-        check_choice(enhancement, "enhancement", list(ENHANCEMENTS))
+        if enhancement not in ENHANCEMENTS:
+            raise TrainingConfigError("enhancement", f"{enhancement!r} is not one of {tuple(ENHANCEMENTS)}",
+                                      "use 'self + cross attention (paper)' (default) or 'self-attention only'")
         checkpointing = checkpointing_choice(gradient_checkpointing)  # None: on where it pays
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
                                  resolution=resolution, save_every=save_every,

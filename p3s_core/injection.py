@@ -61,6 +61,21 @@ def _row_weights(weight, batch: int, like: torch.Tensor) -> torch.Tensor | float
     return w
 
 
+def _check_pair(x, f, x_name: str, f_name: str, what: str, where: str) -> None:
+    """``x`` a [B, N, C] tensor and ``f`` (a copy feature) of exactly its shape, else a typed error."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise InjectionInputError(x_name, f"expected a [B, N, C] {what}, got "
+                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}",
+                                  f"call this from a {where}")
+    if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(x.shape):
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise InjectionInputError(
+            f_name, f"copy feature shape {got} does not match the {what} "
+            f"{tuple(x.shape)} [batch, tokens, channels]",
+            "use the adapter trained for this base model and run the copy on the same latent batch "
+            "and resolution as the sampler")
+
+
 def _row_mask(active, batch: int, device: torch.device) -> torch.Tensor | None:
     if active is None:
         return None
@@ -114,17 +129,7 @@ def injected_context_value(
         * ``f`` must match ``z`` in batch, token count and channels; anything else raises, since a
           mismatch could otherwise be folded silently into the batch by the attention kernel.
     """
-    if not isinstance(z, torch.Tensor) or z.dim() != 3:
-        raise InjectionInputError("z", f"expected a [B, N, C] hidden state, got "
-                                  f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}",
-                                  "call this from a self-attention (attn1) patch")
-    if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(z.shape):
-        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-        raise InjectionInputError(
-            "f", f"copy feature shape {got} does not match the self-attention hidden state "
-            f"{tuple(z.shape)} [batch, tokens, channels]",
-            "use the adapter trained for this base model and run the copy on the same latent batch "
-            "and resolution as the sampler")
+    _check_pair(z, f, "z", "f", "self-attention hidden state", "self-attention (attn1) patch")
     lam_f = float(lam)
     if not math.isfinite(lam_f):
         raise InjectionInputError("lam", f"{lam!r} is not finite", "use lambda = 0.2 (paper)")
@@ -179,16 +184,7 @@ def enhanced_cross_output(out: torch.Tensor, g: torch.Tensor, weight: float | to
     zero-conv output is ControlNet's zero-convolution form, an exact no-op until trained, and keeps
     the text-attention maps as they are.
     """
-    if not isinstance(out, torch.Tensor) or out.dim() != 3:
-        raise InjectionInputError("out", "expected a [B, N, C] cross-attention output",
-                                  "call this from a cross-attention (attn2) output patch")
-    if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(out.shape):
-        got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-        raise InjectionInputError(
-            "g", f"copy cross feature shape {got} does not match the cross-attention output "
-            f"{tuple(out.shape)} [batch, tokens, channels]",
-            "use the adapter trained for this base model and run the copy on the same latent batch "
-            "and resolution as the sampler")
+    _check_pair(out, g, "out", "g", "cross-attention output", "cross-attention (attn2) output patch")
     batch = out.shape[0]
     w = _row_weights(weight, batch, out)
     mask = _row_mask(active, batch, out.device)

@@ -16,21 +16,13 @@ import torch
 from safetensors.torch import save_file
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import tiny_sd  # noqa: E402
+
+
 def tiny_unet(seed=0):
     """A tiny diffusers UNet with the SD1.5 structure (widths 8/16/32/32, context 16: a small file)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(8, 16, 32, 32), norm_num_groups=4, cross_attention_dim=16,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return unet.eval().requires_grad_(False)
+    return tiny_sd.tiny_unet(seed, widths=(8, 16, 32, 32), groups=4, context=16)
 
 
 def fixture_inputs():
