@@ -251,3 +251,31 @@ def test_metadata_json_of_a_cross_file_names_the_cross_zero_convs_in_no_layer_ma
     assert json.loads(ma["layer_map"]) == json.loads(mb["layer_map"])
     assert keys == {f"copy.cross_zero_convs.{e['key']}.{p}" for e in json.loads(ma["layer_map"])
                     for p in ("weight", "bias")}
+
+
+def test_the_comfyui_attn2_output_patch_adds_eps_t_g_to_active_rows_inside_the_region():
+    """The ComfyUI engine's attn2 output patch on hand-made per-step banks (pure torch: the patch
+    imports no ComfyUI; tests/integration/test_cross_attention.py runs it in the real ComfyUI)."""
+    from p3s_core.comfyui_engine.injector import P3SInjectorPatch, _Bank
+    from p3s_core.comfyui_engine.region_patch import RegionRun
+    from p3s_core.region import Region
+
+    adapter = new_adapter(CopyUNetConfig.tiny(), seed=0, **ENC)
+    patch = P3SInjectorPatch(adapter, None, None)
+    assert patch.cross and not P3SInjectorPatch(adapter, None, None, cross_attention="off").cross
+    assert not P3SInjectorPatch(new_adapter(CopyUNetConfig.tiny(), seed=0, enhancement="self", **ENC), None, None).cross
+    gen = torch.Generator().manual_seed(0)
+    g, out = torch.randn(2, 64, 32, generator=gen), torch.randn(2, 64, 32, generator=gen)
+    bank = _Bank(features={cross_key("input_1"): g}, weight=0.5, active=torch.tensor([True, False]), lam=0.2)
+    opts = {patch.key: bank, "block": ("input", 1), "block_index": 0, "original_shape": [2, 4, 8, 8]}
+    got = patch.cross_output(out, opts)
+    assert torch.allclose(got[0] - out[0], 0.5 * g[0], atol=1e-6) and torch.equal(got[1], out[1])
+    assert patch.cross_output(out, {**opts, "block": ("input", 2)}) is out  # no feature for that layer
+    assert patch.cross_output(out, {k: v for k, v in opts.items() if k != patch.key}) is out  # no bank
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1.0
+    bank.active, bank.region = None, RegionRun(Region.from_mask(mask), None)
+    got = patch.cross_output(out, opts).reshape(2, 8, 8, 32)
+    plain, add = out.reshape(2, 8, 8, 32), 0.5 * g.reshape(2, 8, 8, 32)
+    assert torch.equal(got[:, :, 4:], plain[:, :, 4:])
+    assert torch.allclose(got[:, :, :4] - plain[:, :, :4], add[:, :, :4], atol=1e-6)
