@@ -535,10 +535,12 @@ def test_injector_schedule_not_a_schedule(comfy, inject_args):
 @pytest.mark.parametrize("name,value,problem", [("reference_index", 64, "outside [0, 63]"),
                                                 ("reference_mode", "average latents", "not one of the options"),
                                                 ("level0_keys", "pooled", "not one of the options"),
-                                                ("copy_precision", "fp8", "not one of the options")])
+                                                ("copy_precision", "fp8", "not one of the options"),
+                                                ("cross_attention", "on", "not one of the options")])
 def test_injector_reference_setting_out_of_range(comfy, inject_args, name, value, problem):
     fix = {"reference_index": "from 0 to 0", "reference_mode": "'average copy features'",
-           "level0_keys": "'pooled 2x2 (faster)'", "copy_precision": "'same as the UNet', 'fp32'"}[name]
+           "level0_keys": "'pooled 2x2 (faster)'", "copy_precision": "'same as the UNet', 'fp32'",
+           "cross_attention": "'as the adapter holds', 'off'"}[name]
     with expect(comfy, "SettingError", name, fix, problem):
         inject(comfy, inject_args, **{name: value})
 
@@ -897,9 +899,10 @@ def test_trainer_clip_vision_not_vit_l14(comfy, train_args, other_clip_visions):
 
 
 @pytest.mark.parametrize("name,value", [("ac_reading", "printed"), ("reference_pairing", "random photo"),
-                                        ("gradient_checkpointing", "sometimes")])
+                                        ("gradient_checkpointing", "sometimes"), ("enhancement", "both")])
 def test_trainer_choice_not_in_list(comfy, train_args, name, value):
-    fix = {"ac_reading": "'mass'", "reference_pairing": "'other photo'", "gradient_checkpointing": "auto"}[name]
+    fix = {"ac_reading": "'mass'", "reference_pairing": "'other photo'", "gradient_checkpointing": "auto",
+           "enhancement": "'self-attention only'"}[name]
     with expect(comfy, "TrainingConfigError", name, fix, "is not one of"):
         train(comfy, train_args, **{name: value})
 
