@@ -692,7 +692,7 @@ def bad_adapter_files(safe_io, good: Path, tmp: Path) -> dict:
         out[name] = ("pickle / PyTorch checkpoint", "use a .safetensors adapter")
     out[rewrite(safe_io, good, "bad_sdxl_family.safetensors", {"base_family": "sdxl"})] = (
         "for base model family 'sdxl'", "trained on an SD1.5 model")
-    out[rewrite(safe_io, good, "bad_newer_format.safetensors", {"p3s_format_version": "2"})] = (
+    out[rewrite(safe_io, good, "bad_newer_format.safetensors", {"p3s_format_version": "3"})] = (
         "made by a newer P3S version", "update the pack")
     out[rewrite(safe_io, good, "bad_missing_tensor.safetensors", drop_first=True)] = (
         "1 tensors are missing", "the file is incomplete")
