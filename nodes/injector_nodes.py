@@ -7,6 +7,7 @@ APPLY_TO = ["cond and uncond", "cond only"]
 REFERENCE_MODES = ["one reference", "average copy features"]  # = p3s_core.encoder.REFERENCE_MODES
 LEVEL0_KEYS = ["all (exact)", "pooled 2x2 (faster)"]  # = p3s_core.comfyui_engine.LEVEL0_KEYS
 COPY_PRECISIONS = ["same as the UNet", "fp32"]  # = p3s_core.comfyui_engine.COPY_PRECISIONS
+CROSS_ATTENTION = ["as the adapter holds", "off"]  # = p3s_core.comfyui_engine.CROSS_ATTENTION
 
 
 class P3SConditionInjector:
@@ -14,7 +15,7 @@ class P3SConditionInjector:
         "Patches the MODEL with a P3S adapter: each sampling step the adapter's trainable copy runs once "
         "on x_t plus the encoded reference (Eq. 4-6; by default the cleaned photo stored in the adapter, one "
         "reference per generation, fitted to the image's aspect ratio without stretching) and its features are added to all 16 self-attention "
-        "layers of the original UNet (Eq. 7-8), weighted by the schedule (Eq. 9-10). Connect the patched "
+        "layers of the original UNet (Eq. 7-8) and, for adapters trained with it, its cross-attention outputs to the matching cross-attention layers through zero convolutions (Fig. 3), weighted by the schedule (Eq. 9-10). Connect the patched "
         "MODEL to any sampler; ControlNet conditioning works beside it. The input MODEL is not changed. "
         "With a region MASK the subject is injected only there (outside it the model attends as the plain "
         "model): stack two injectors with two regions for two subjects in one image."
@@ -46,12 +47,14 @@ class P3SConditionInjector:
                 "feather": ("FLOAT", {"advanced": True, "default": 0.0, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Soft edge of the region, as a fraction of the mask's shorter side (0 = hard edge). Only used with a region."}),
                 "level0_keys": (list(LEVEL0_KEYS), {"advanced": True, "default": LEVEL0_KEYS[0], "tooltip": "Speed/accuracy (not in the paper). 'all (exact)': Eq. 7 as written. 'pooled 2x2 (faster)': in the 5 highest-resolution self-attention layers the subject's extra keys are averaged over 2x2 tokens (a quarter as many), which removes three quarters of their extra attention cost (at 512 px about 1.22x a plain step instead of 1.33x on the benchmark CPU) and moves the result by about an eighth of P3S's own effect; not used beside HyperTile, ToMe or a second injector. The README gives the measurements."}),
                 "copy_precision": (list(COPY_PRECISIONS), {"advanced": True, "default": COPY_PRECISIONS[0], "tooltip": "Advanced. The dtype the adapter's copy and encoder compute in. 'same as the UNet': the UNet's compute dtype (fp16 or bf16 on most GPUs, fp32 on a CPU), cast layer by layer as ComfyUI does for its own models. 'fp32': always fp32 (slower on GPUs; for comparison, or if half precision misbehaves). The README gives the measured difference."}),
+                "cross_attention": (list(CROSS_ATTENTION), {"advanced": True, "default": CROSS_ATTENTION[0], "tooltip": "The cross-attention enhancement (paper Fig. 3): the copy's cross-attention outputs, through the adapter's zero convolutions and weighted by the schedule, are added to the matching cross-attention outputs of the model. 'as the adapter holds': on for adapters trained with 'self + cross attention (paper)', nothing for self-attention-only adapters (and files saved before it existed). 'off': the self-attention injection only."}),
             },
         }
 
     def inject(self, model, adapter, reference=None, vae=None, clip_vision=None, lam=0.2, strength=1.0,
                apply_to="cond and uncond", schedule=None, reference_index=0, reference_mode=REFERENCE_MODES[0],
-               region=None, feather=0.0, level0_keys=LEVEL0_KEYS[0], copy_precision=COPY_PRECISIONS[0]):
+               region=None, feather=0.0, level0_keys=LEVEL0_KEYS[0], copy_precision=COPY_PRECISIONS[0],
+               cross_attention=CROSS_ATTENTION[0]):
         from ..p3s_core import comfyui_engine as engine
         from ..p3s_core.encoder import check_reference_index
         from ..p3s_core.errors import ImageInputError, ModelMismatchError, ScheduleError
@@ -86,6 +89,7 @@ class P3SConditionInjector:
         check_choice(reference_mode, "reference_mode", list(REFERENCE_MODES))
         check_choice(level0_keys, "level0_keys", list(LEVEL0_KEYS))
         check_choice(copy_precision, "copy_precision", list(COPY_PRECISIONS))
+        check_choice(cross_attention, "cross_attention", list(CROSS_ATTENTION))
         reference_index = check_int(reference_index, "reference_index", 0, 63,
                                     f"pick a reference index from 0 to {count - 1}")
         check_reference_index(reference_index, count)
@@ -107,5 +111,5 @@ class P3SConditionInjector:
                                             apply_to=apply_to, reference_index=int(reference_index),
                                             reference_mode=reference_mode, region=region,
                                             level0_keys=level0_keys, reference=(latent.detach(), hidden.detach()),
-                                            copy_precision=copy_precision)
+                                            copy_precision=copy_precision, cross_attention=cross_attention)
         return (patched,)

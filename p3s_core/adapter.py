@@ -1,12 +1,15 @@
 """The P3S adapter: RNGR encoder (Eq. 4-5) + trainable copy with its zero convs (Eq. 6) + lambda (Eq. 7).
 
-File format (``FORMAT_VERSION`` 1, safetensors, never pickle), independent of ComfyUI so that a
+File format (``FORMAT_VERSION`` 2, safetensors, never pickle), independent of ComfyUI so that a
 diffusers pipeline can load it too:
 
 * tensors ``encoder.*`` (:class:`~p3s_core.encoder.RNGREncoder`: ``zero_conv``, ``to_q``, ``to_k``,
   ``to_v``) and ``copy.*`` (:class:`~p3s_core.copy_unet.P3SCopyUNet`, LDM sub-names, plus
-  ``copy.zero_convs.<layer key>``);
-* metadata (all strings): ``p3s_format_version`` ("1"), ``base_family`` ("sd15"), ``config``
+  ``copy.zero_convs.<layer key>``, and with the cross-attention enhancement
+  ``copy.cross_zero_convs.<layer key>``);
+* metadata (all strings): ``p3s_format_version`` ("2"), ``enhancement`` ("cross": self-attention
+  injection + cross-attention enhancement, the paper's Fig. 3; "self": the self-attention injection
+  only), ``copy_layout`` (the copy config's ``layout``: "encoder" or "full", :mod:`.copy_config`), ``base_family`` ("sd15"), ``config``
   (JSON of :class:`CopyUNetConfig`), ``encoder_config`` (JSON: latent_channels, clip_dim,
   inner_dim), ``layer_map`` (JSON list, see :func:`~p3s_core.copy_unet.layer_map`), ``lambda``
   (Eq. 7's lambda), ``training`` (JSON: settings and step count), ``base_unet_hash`` when known,
@@ -16,6 +19,11 @@ diffusers pipeline can load it too:
   (their CLIP ViT-L/14 last hidden states c_s): what the RNGR encoder and the copy need to make I''
   (Eq. 4-6), so generation needs no reference photo, VAE or CLIP vision. Files without them load
   as before (``adapter.reference`` is None).
+
+Format 1 (written before issue 22) has no ``enhancement`` / ``copy_layout`` entries: it loads as
+"self" / "encoder", the same tensors as before, so its results are bit for bit those of the pack
+that wrote it. :func:`save_adapter` writes format 2 (``version=1`` writes format 1 for a "self"
+adapter, e.g. for an older pack).
 
 Decisions:
 
@@ -51,7 +59,8 @@ import torch
 from torch import nn
 
 from .copy_init import init_from_ldm_unet, ldm_key_map
-from .copy_unet import CopyUNetConfig, P3SCopyUNet, layer_map
+from .copy_config import COPY_LAYOUTS as _COPY_LAYOUTS
+from .copy_unet import ENHANCEMENTS, CopyUNetConfig, P3SCopyUNet, check_enhancement, layer_map
 from .encoder import RNGREncoder
 from .errors import AdapterFileError
 from .operations import check_operations
@@ -70,11 +79,14 @@ __all__ = [
     "check_finite",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BASE_FAMILY = "sd15"
+#: Copy layouts this version reads and writes (metadata ``copy_layout``, the copy config's
+#: ``layout``: :mod:`.copy_config`; format 1 = "encoder").
+COPY_LAYOUTS = _COPY_LAYOUTS
 DEFAULT_LAMBDA = 0.2
 _RESERVED = ("p3s_format_version", "base_family", "config", "encoder_config", "layer_map",
-             "lambda", "training", "base_unet_hash")
+             "lambda", "training", "base_unet_hash", "enhancement", "copy_layout")
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 #: Optional stored-reference tensors (``reference.<name>``), see the module docstring.
 REFERENCE_TENSORS = ("latent", "clip_hidden")
@@ -105,21 +117,31 @@ def _dumps(obj: Any) -> str:
 class P3SAdapter(nn.Module):
     """``encoder`` (Eq. 4-5) + ``copy`` (Eq. 6, incl. zero convs) + ``config`` + ``lam`` (Eq. 7)
     + ``training_info`` (settings, ``steps``) + ``base_unet_hash`` (or None). ``operations``: the
-    layer family of the encoder and the copy (:mod:`.operations`; None = ``torch.nn``)."""
+    layer family of the encoder and the copy (:mod:`.operations`; None = ``torch.nn``).
+    ``enhancement`` (:data:`~p3s_core.copy_unet.ENHANCEMENTS`): "cross" adds the cross-attention
+    enhancement's zero convs (Fig. 3); "self" (the default of this class, and format-1 files) has
+    the self-attention injection only. ``copy_layout``: the copy config's layout (:data:`COPY_LAYOUTS`)."""
 
     def __init__(self, config: CopyUNetConfig | None = None, lam: float = DEFAULT_LAMBDA,
                  training: Mapping[str, Any] | None = None, clip_dim: int = 1024,
-                 encoder_inner_dim: int = 64, base_unet_hash: str | None = None, operations=None):
+                 encoder_inner_dim: int = 64, base_unet_hash: str | None = None, operations=None,
+                 enhancement: str = "self"):
         super().__init__()
         self.config = config or CopyUNetConfig.sd15()
         self.operations = check_operations(operations)
+        self.enhancement = check_enhancement(enhancement)
         self.encoder = RNGREncoder(self.config.in_channels, clip_dim, encoder_inner_dim, self.operations)
-        self.copy = P3SCopyUNet(self.config, self.operations)
+        self.copy = P3SCopyUNet(self.config, self.operations, self.enhancement)
         self.lam = float(lam)
         self.training_info: dict[str, Any] = dict(training) if training else {"steps": 0}
         self.base_unet_hash = base_unet_hash
         #: The stored cleaned reference(s): {"latent": [N,4,h,w], "clip_hidden": [N,S,clip_dim]} or None.
         self.reference: dict[str, torch.Tensor] | None = None
+
+    @property
+    def copy_layout(self) -> str:
+        """The copy's layout (its config's; metadata ``copy_layout``)."""
+        return self.config.layout
 
     @property
     def layer_map(self) -> list[dict[str, Any]]:
@@ -155,7 +177,8 @@ class P3SAdapter(nn.Module):
             return self
         with torch.inference_mode(False), torch.device("meta"):
             twin = P3SAdapter(self.config, self.lam, self.training_info, self.encoder.clip_dim,
-                              self.encoder.inner_dim, self.base_unet_hash, operations=ops)
+                              self.encoder.inner_dim, self.base_unet_hash, operations=ops,
+                              enhancement=self.enhancement)
         mine = self.state_dict(keep_vars=True)
         for name, p in twin.named_parameters():
             p.requires_grad_(mine[name].requires_grad)  # assign=True copies these flags onto ours
@@ -167,10 +190,18 @@ class P3SAdapter(nn.Module):
         return twin.train(self.training)
 
 
-def adapter_metadata(adapter: P3SAdapter) -> dict[str, str]:
-    """The safetensors metadata strings that describe ``adapter`` (see module docstring)."""
+def adapter_metadata(adapter: P3SAdapter, version: int = FORMAT_VERSION) -> dict[str, str]:
+    """The safetensors metadata strings that describe ``adapter`` (see module docstring) in format
+    ``version`` (2, or 1 for a "self" adapter: no ``enhancement`` / ``copy_layout`` entries)."""
+    enhancement = getattr(adapter, "enhancement", "self")
+    layout = adapter.copy_layout
+    if version not in (1, FORMAT_VERSION) or (version == 1 and (enhancement, layout) != ("self", "encoder")):
+        raise AdapterFileError("version", f"cannot write format {version!r} for an adapter with "
+                               f"enhancement {enhancement!r} and copy layout {layout!r}",
+                               f"write format {FORMAT_VERSION} (the default); format 1 holds only 'self' "
+                               "adapters of the 'encoder' layout")
     meta = {
-        "p3s_format_version": str(FORMAT_VERSION),
+        "p3s_format_version": str(version),
         "base_family": BASE_FAMILY,
         "config": _dumps(adapter.config.to_dict()),
         "encoder_config": _dumps(adapter.encoder_config),
@@ -180,17 +211,20 @@ def adapter_metadata(adapter: P3SAdapter) -> dict[str, str]:
     }
     if adapter.base_unet_hash:
         meta["base_unet_hash"] = str(adapter.base_unet_hash)
+    if version >= 2:
+        meta["enhancement"] = enhancement
+        meta["copy_layout"] = layout
     return meta
 
 
 def save_adapter(adapter: P3SAdapter, path: str | os.PathLike,
-                 extra_metadata: Mapping[str, str] | None = None) -> Path:
+                 extra_metadata: Mapping[str, str] | None = None, version: int = FORMAT_VERSION) -> Path:
     """Save ``adapter`` atomically as safetensors (``encoder.*`` / ``copy.*`` + metadata).
 
     ``extra_metadata`` (str -> str) is added; it may not override the P3S keys. Same adapter ->
-    same bytes. Returns the path written.
+    same bytes. ``version``: the format (2; 1 for a "self" adapter). Returns the path written.
     """
-    meta = adapter_metadata(adapter)
+    meta = adapter_metadata(adapter, version)
     for k, v in (extra_metadata or {}).items():
         if k in _RESERVED:
             raise AdapterFileError("extra_metadata", f"key {k!r} is reserved for P3S",
@@ -271,6 +305,7 @@ def _load_adapter(path: Path, device, dtype, operations) -> P3SAdapter:
     if version < 1:
         raise AdapterFileError(str(path), f"invalid format version {version}",
                                "re-train the adapter")
+    enhancement, layout = _enhancement_layout(path, meta, version)
     family = meta.get("base_family")
     if family != BASE_FAMILY:
         raise AdapterFileError(str(path), f"the adapter is for base model family {family!r}, but "
@@ -310,7 +345,11 @@ def _load_adapter(path: Path, device, dtype, operations) -> P3SAdapter:
 
     with torch.device("meta"):
         adapter = P3SAdapter(config, lam, training, enc["clip_dim"], enc["inner_dim"],
-                             meta.get("base_unet_hash"), operations=operations)
+                             meta.get("base_unet_hash"), operations=operations, enhancement=enhancement)
+    if adapter.copy_layout != layout:
+        raise AdapterFileError(str(path), f"its metadata entry 'copy_layout' ({layout!r}) disagrees with its "
+                               f"copy config's layout ({adapter.copy_layout!r})", "re-save the adapter with the "
+                               "P3S Trainer")
     infos = dict(infos)
     ref_infos = _split_reference(path, infos, enc["clip_dim"], enc["latent_channels"])
     expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
@@ -340,6 +379,22 @@ def _load_adapter(path: Path, device, dtype, operations) -> P3SAdapter:
     return adapter.eval()
 
 
+def _enhancement_layout(path, meta: Mapping[str, str], version: int) -> tuple[str, str]:
+    """``(enhancement, copy_layout)`` of a file: format 1 -> ("self", "encoder"); format 2 -> its
+    metadata, checked against :data:`ENHANCEMENTS` / :data:`COPY_LAYOUTS`."""
+    if version < 2:
+        return "self", COPY_LAYOUTS[0]
+    enhancement = meta.get("enhancement")
+    if enhancement not in ENHANCEMENTS:
+        raise AdapterFileError(str(path), f"its metadata entry 'enhancement' is {enhancement!r}, not one of "
+                               f"{ENHANCEMENTS}", "re-save the adapter with the P3S Trainer")
+    layout = meta.get("copy_layout")
+    if layout not in COPY_LAYOUTS:
+        raise AdapterFileError(str(path), f"its copy layout {layout!r} is not one this pack reads "
+                               f"({', '.join(COPY_LAYOUTS)})", "update the pack (P3S for ComfyUI) to load it")
+    return enhancement, layout
+
+
 def _read_weights(path: Path, infos, device, dtype) -> dict[str, torch.Tensor]:
     """The file's tensors in owned, aligned memory on ``device`` (``dtype`` if given), all finite."""
     sd = read_safetensors_tensors(path, infos)
@@ -350,6 +405,22 @@ def _read_weights(path: Path, infos, device, dtype) -> dict[str, torch.Tensor]:
     if dtype is not None or dev.type != "cpu":
         sd = {k: v.to(device=dev, dtype=dtype or v.dtype) for k, v in sd.items()}
     return sd
+
+
+def _with_enhancement(adapter: P3SAdapter, enhancement: str) -> P3SAdapter:
+    """``adapter`` ("self", randomly initialised) with ``enhancement``: the cross zero convs are
+    added after every random draw (they are zeros), so both enhancements share the same weights."""
+    if enhancement == "self":
+        return adapter
+    with torch.device("meta"):
+        twin = P3SAdapter(adapter.config, adapter.lam, adapter.training_info, adapter.encoder.clip_dim,
+                          adapter.encoder.inner_dim, adapter.base_unet_hash, enhancement=enhancement)
+    twin.copy.cross_zero_convs.to_empty(device="cpu")
+    sd = dict(adapter.state_dict())
+    for name, t in twin.copy.cross_zero_convs.state_dict().items():
+        sd[f"copy.cross_zero_convs.{name}"] = torch.zeros_like(t)
+    twin.load_state_dict(sd, strict=True, assign=True)
+    return twin
 
 
 def unet_fingerprint(unet_state_dict: Mapping[str, torch.Tensor], keys=None) -> str:
@@ -377,7 +448,8 @@ def new_adapter(config: CopyUNetConfig | None = None,
                 unet_state_dict: Mapping[str, torch.Tensor] | None = None,
                 lam: float = DEFAULT_LAMBDA, seed: int = 0, *, unet_prefix: str = "",
                 clip_dim: int = 1024, encoder_inner_dim: int = 64,
-                training: Mapping[str, Any] | None = None, operations=None) -> P3SAdapter:
+                training: Mapping[str, Any] | None = None, operations=None,
+                enhancement: str = "cross") -> P3SAdapter:
     """Build a fresh adapter, deterministic for ``seed`` (the global RNG is left untouched).
 
     With ``unet_state_dict`` (LDM names, ``unet_prefix`` e.g. ``"model.diffusion_model."``) the
@@ -386,26 +458,31 @@ def new_adapter(config: CopyUNetConfig | None = None,
     zero either way. Without it the copy keeps PyTorch's default random init. ``operations``: the
     layer family of the result (:mod:`.operations`); it is initialised with torch.nn first, then
     rebuilt from that family sharing the same tensors (:meth:`P3SAdapter.with_operations`).
+    ``enhancement``: "cross" (default, the paper: self-attention injection + cross-attention
+    enhancement) or "self" (the self-attention injection only; the same random draws, so a "self"
+    adapter equals a "cross" one without its cross zero convs).
     """
     operations = check_operations(operations)
+    check_enhancement(enhancement)
     with torch.inference_mode(False):
         adapter = _new_adapter(config or CopyUNetConfig.sd15(), unet_state_dict, lam, seed,
-                               unet_prefix, clip_dim, encoder_inner_dim, training)
+                               unet_prefix, clip_dim, encoder_inner_dim, training, enhancement)
         return adapter.with_operations(operations)
 
 
 def _new_adapter(config, unet_state_dict, lam, seed, unet_prefix, clip_dim, encoder_inner_dim,
-                 training) -> P3SAdapter:
+                 training, enhancement="self") -> P3SAdapter:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         if unet_state_dict is None:
-            return P3SAdapter(config, lam, training, clip_dim, encoder_inner_dim)
+            adapter = P3SAdapter(config, lam, training, clip_dim, encoder_inner_dim)
+            return _with_enhancement(adapter, enhancement)
         # Every copy tensor is overwritten from the UNet: skip the random init of the copy.
         with torch.device("meta"):
-            adapter = P3SAdapter(config, lam, training, clip_dim, encoder_inner_dim)
+            adapter = P3SAdapter(config, lam, training, clip_dim, encoder_inner_dim, enhancement=enhancement)
         adapter.encoder = RNGREncoder(config.in_channels, clip_dim, encoder_inner_dim)
     adapter.copy.to_empty(device="cpu")
-    for conv in adapter.copy.zero_convs.values():
+    for conv in list(adapter.copy.zero_convs.values()) + list(getattr(adapter.copy, "cross_zero_convs", {}).values()):
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
     init_from_ldm_unet(adapter.copy, unet_state_dict, unet_prefix)

@@ -129,9 +129,11 @@ class BasicTransformerBlock(nn.Module):
         return self.attn1(self.norm1(x)) + x
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False,
-                expand: torch.Tensor | None = None):
+                expand: torch.Tensor | None = None, sink: list | None = None):
         """``expand`` (a row index): ``x`` holds only the distinct rows; the self-attention runs on
-        them and its output is expanded to the full batch before the text cross-attention."""
+        them and its output is expanded to the full batch before the text cross-attention.
+        ``sink``: a list that receives the attn2 output (before its residual; the cross-attention
+        enhancement's input)."""
         x = self.self_part(x)
         if expand is not None:
             x = x.index_select(0, expand)
@@ -140,6 +142,8 @@ class BasicTransformerBlock(nn.Module):
             a, probs = self.attn2(self.norm2(x), context, return_probs=True)
         else:
             a = self.attn2(self.norm2(x), context)
+        if sink is not None:
+            sink.append(a)
         x = a + x
         x = self.ff(self.norm3(x)) + x
         return (x, probs) if return_attn else x
@@ -159,9 +163,9 @@ class SpatialTransformer(nn.Module):
         self.proj_out = ops.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, return_attn: bool = False,
-                expand: torch.Tensor | None = None):
-        """``expand``: see :meth:`BasicTransformerBlock.forward` (``x`` holds the distinct rows;
-        the output has the full batch)."""
+                expand: torch.Tensor | None = None, sink: list | None = None):
+        """``expand``, ``sink``: see :meth:`BasicTransformerBlock.forward` (``x`` holds the distinct
+        rows; the output has the full batch)."""
         t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
         if expand is not None:
             x = x.index_select(0, expand)
@@ -170,9 +174,9 @@ class SpatialTransformer(nn.Module):
         for i, blk in enumerate(self.transformer_blocks):
             e = expand if i == 0 else None
             if return_attn:
-                t, probs = blk(t, context, return_attn=True, expand=e)
+                t, probs = blk(t, context, return_attn=True, expand=e, sink=sink)
             else:
-                t = blk(t, context, expand=e)
+                t = blk(t, context, expand=e, sink=sink)
         out = x + self.proj_out(t.transpose(1, 2).reshape(b, c, h, w))
         return (out, probs) if return_attn else out
 

@@ -80,19 +80,20 @@ class CopyDecoder(nn.Module):
                                      _DecoderLevel(ch[3] + ch[2], ch[2], cfg, ops)])
 
     def forward(self, h: torch.Tensor, skips, emb: torch.Tensor, context: torch.Tensor,
-                return_attn: bool = False):
+                return_attn: bool = False, sink: list | None = None):
         """``h``: the middle feature; ``skips``: the copy's encoder features of levels 0, 1, 2.
         Returns the decoder features ``[level 2, level 1, level 0]`` (and, with ``return_attn``,
-        the level-0 transformer's attn2 map averaged over heads)."""
+        the level-0 transformer's attn2 map averaged over heads). ``sink``: receives each
+        transformer's attn2 output, in the same order (the cross-attention enhancement's input)."""
         feats, amap = [], None
         for lvl in (2, 1, 0):
             skip = skips[lvl]
             h = self.ups[lvl](h, skip.shape[-2:])
             h = self.levels[lvl].res(torch.cat([h, skip.to(h.dtype)], dim=1), emb)
             if lvl == 0 and return_attn:
-                h, amap = self.levels[lvl].st(h, context, return_attn=True)
+                h, amap = self.levels[lvl].st(h, context, return_attn=True, sink=sink)
             else:
-                h = self.levels[lvl].st(h, context)
+                h = self.levels[lvl].st(h, context, sink=sink)
             feats.append(h)
         return (feats, amap) if return_attn else feats
 

@@ -31,10 +31,11 @@ _LDM_PREFIXES = _ENCODER_LDM_PREFIXES + DECODER_LDM_PREFIXES
 
 
 def ldm_key_map(copy: P3SCopyUNet, prefix: str = "") -> dict[str, str]:
-    """``{copy state-dict key: LDM UNet key}`` for every copy tensor except the zero convs."""
+    """``{copy state-dict key: LDM UNet key}`` for every copy tensor except the zero convs (those of
+    the cross-attention enhancement too)."""
     out = {}
     for k in copy.state_dict():
-        if k.startswith("zero_convs."):
+        if k.startswith(("zero_convs.", "cross_zero_convs.")):
             continue
         for cp, lp in _LDM_PREFIXES:
             if k.startswith(cp):

@@ -40,6 +40,15 @@ the decoder's level-0 transformer.
 Parameter count (``count_parameters(P3SCopyUNet(CopyUNetConfig.sd15()))``): 179,614,400, of which
 the 16 zero convs hold 12,402,880 (about 718 MB in float32; the SD1.5 UNet has 859.5 M); the
 ``"full"`` layout: 329,664,000 (about 1.32 GB in float32).
+
+Cross-attention enhancement (paper Sec. III-B, Fig. 3: "we add the hidden states both in self and
+cross attention layers to the original model through a zero convolution"; issue 22): with
+``enhancement="cross"`` each layer-map entry also gets ``cross_zero_convs.<key>``, a zero-initialised
+1x1 convolution on tokens (a ``Linear`` C->C, the same map as a 1x1 conv on the token grid) applied to
+the copy level's cross-attention (attn2) output, before its residual. ``forward`` returns it under
+:func:`cross_key` ``(key)``; the injector adds it, times eps_t, to the matching original attn2
+output. Keyed by the layer-map key, so a layout with more layers just has more of them (+12,402,880
+parameters for the 16 SD1.5 layers). ``enhancement="self"`` (and every format-1 file) has none.
 """
 from __future__ import annotations
 
@@ -51,7 +60,7 @@ from .copy_blocks import (BasicTransformerBlock, CrossAttention, Downsample, Res
 from .copy_config import (COPY_LAYOUTS, LAYER_MAP, CopyUNetConfig, feature_index, layer_key,
                           layer_map, num_features)
 from .copy_decoder import CopyDecoder
-from .errors import ModelMismatchError
+from .errors import AdapterFileError, ModelMismatchError
 from .operations import check_operations
 
 __all__ = [
@@ -71,7 +80,20 @@ __all__ = [
     "SpatialTransformer",
     "Downsample",
     "P3SCopyUNet",
+    "ENHANCEMENTS",
+    "cross_key",
 ]
+
+#: Condition injection parts (issue 22): "cross" = self-attention injection (Eq. 7) + cross-attention
+#: enhancement (Fig. 3, the paper's); "self" = the self-attention injection only (format-1 files).
+ENHANCEMENTS = ("cross", "self")
+#: Prefix of the cross-attention enhancement features in ``P3SCopyUNet.forward``'s dict.
+CROSS_PREFIX = "cross:"
+
+
+def cross_key(key: str) -> str:
+    """Feature-dict key of the cross-attention enhancement of layer ``key`` (``"cross:input_1"``)."""
+    return CROSS_PREFIX + key
 
 #: Key of the cross-attention map in the dict returned by ``P3SCopyUNet(..., return_attn_map=True)``.
 ATTN_MAP_KEY = "attn_map"
@@ -111,6 +133,23 @@ def distinct_rows(x: torch.Tensor, timesteps: torch.Tensor
     return torch.tensor(firsts, device=x.device), torch.tensor(inv, device=x.device)
 
 
+def _zero_linear(channels: int, operations=None) -> nn.Linear:
+    """A zero-initialised 1x1 convolution on tokens [B, N, C] (a ``Linear``): the cross-attention
+    enhancement's zero convolution (Fig. 3)."""
+    lin = check_operations(operations).Linear(channels, channels)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+def check_enhancement(enhancement: str, input_name: str = "enhancement") -> str:
+    """``enhancement`` if it is one of :data:`ENHANCEMENTS`; else :class:`AdapterFileError`."""
+    if enhancement not in ENHANCEMENTS:
+        raise AdapterFileError(input_name, f"{enhancement!r} is not one of {ENHANCEMENTS}",
+                               "use 'cross' (self + cross attention, the paper) or 'self'")
+    return enhancement
+
+
 def _zero_conv(channels: int, operations=None) -> nn.Conv2d:
     conv = check_operations(operations).Conv2d(channels, channels, 1)
     nn.init.zeros_(conv.weight)
@@ -129,9 +168,10 @@ class P3SCopyUNet(nn.Module):
     too), so a family that casts weights per call (ComfyUI's lowvram load) sees every use.
     """
 
-    def __init__(self, config: CopyUNetConfig | None = None, operations=None):
+    def __init__(self, config: CopyUNetConfig | None = None, operations=None, enhancement: str = "self"):
         super().__init__()
         cfg = config or CopyUNetConfig.sd15()
+        self.enhancement = check_enhancement(enhancement)
         ops = check_operations(operations)
         self.config = cfg
         self.operations = ops
@@ -148,17 +188,22 @@ class P3SCopyUNet(nn.Module):
         self.layer_map = layer_map(cfg)
         self.zero_convs = nn.ModuleDict({e["key"]: _zero_conv(e["channels"], ops)
                                          for e in self.layer_map})
+        if enhancement == "cross":  # issue 22: one per layer-map entry, keyed like zero_convs
+            self.cross_zero_convs = nn.ModuleDict({e["key"]: _zero_linear(e["channels"], ops)
+                                                   for e in self.layer_map})
         #: Speed switch (exact within float rounding; tests/unit/test_speed_equivalence.py): compute
         #: the context-free start of the copy once per distinct row of a CFG batch.
         self.share_cfg_rows = True
 
     def level_features(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                        ref: torch.Tensor | None = None, return_attn_map: bool = False,
-                       dtype: torch.dtype | None = None):
+                       dtype: torch.dtype | None = None, cross_sink: list | None = None):
         """The copy features ``F(x_t + I'', c, t)`` in :func:`feature_index` order: the 4 encoder /
         middle levels, then (layout "full") decoder levels 2, 1, 0; each [B, C_l, h_l, w_l] (before
         the zero convs). With ``return_attn_map`` also the attn2 map [B, h*w, tokens] of the
         full-resolution transformer that feeds ``output_11`` (encoder level 0, or decoder level 0).
+        ``cross_sink``: a list that receives each transformer's attn2 output [B, h_l*w_l, C_l], in the
+        same order as the features.
         ``dtype``: the compute dtype (None = the weights'; another one needs a casting layer family)."""
         cfg = self.config
         if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
@@ -194,18 +239,18 @@ class P3SCopyUNet(nn.Module):
             h = level.res(h, emb)
             e = inv if i == 0 else None
             if i == 0 and return_attn_map and not full:
-                h, amap = level.st(h, context, return_attn=True, expand=e)
+                h, amap = level.st(h, context, return_attn=True, expand=e, sink=cross_sink)
             else:
-                h = level.st(h, context, expand=e)
+                h = level.st(h, context, expand=e, sink=cross_sink)
             if i == 0 and inv is not None:
                 emb = emb.index_select(0, inv)
             feats.append(h)
             h = down(h)
         h = self.middle.res(h, emb)
-        h = self.middle.st(h, context)
+        h = self.middle.st(h, context, sink=cross_sink)
         feats.append(h)
         if full:
-            res = self.decoder(h, feats[:3], emb, context, return_attn=return_attn_map)
+            res = self.decoder(h, feats[:3], emb, context, return_attn=return_attn_map, sink=cross_sink)
             dec, amap = res if return_attn_map else (res, None)
             feats.extend(dec)
         return (feats, amap) if return_attn_map else feats
@@ -217,22 +262,30 @@ class P3SCopyUNet(nn.Module):
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 ref: torch.Tensor | None = None, return_attn_map: bool = False,
-                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                dtype: torch.dtype | None = None, cross: bool = True) -> dict[str, torch.Tensor]:
         """Eq. 6 for all 16 layers. ``x_t`` [B,4,h,w], ``timesteps`` [B] (0..999, float),
         ``context`` [B,77,768], ``ref`` = I'' [B,4,h,w] (already at x_t's size; None = no
         reference). Returns ``{key: [B, h_l*w_l, C_l]}``; with ``return_attn_map`` the dict also
         holds ``ATTN_MAP_KEY`` -> the level-0 transformer's attn2 probabilities averaged over heads
         [B, h*w, 77]. That copy layer (320 wide, full latent resolution: encoder level 0, or decoder
         level 0 in the "full" layout) is the counterpart of the original UNet's LAST cross-attention
-        layer (``output_blocks.11``), used by the attention consistency loss (Eq. 11-13). ``dtype``: see :meth:`level_features`."""
-        res = self.level_features(x_t, timesteps, context, ref, return_attn_map, dtype)
+        layer (``output_blocks.11``), used by the attention consistency loss (Eq. 11-13).
+        ``dtype``: see :meth:`level_features`. With the cross-attention enhancement
+        (``enhancement="cross"`` and ``cross``) the dict also holds ``cross_key(key)`` ->
+        ``cross_zero_convs[key]`` of the attn2 output of the copy transformer that feeds the layer
+        (:func:`feature_index`) [B, h_l*w_l, C_l] for every layer."""
+        heads = getattr(self, "cross_zero_convs", None) if cross else None
+        sink = [] if heads is not None else None
+        res = self.level_features(x_t, timesteps, context, ref, return_attn_map, dtype, sink)
         feats, amap = res if return_attn_map else (res, None)
         out: dict[str, torch.Tensor] = {}
         for e in self.layer_map:
             # Z_i, the 1x1 conv, called as a layer (its family may cast its weight), as tokens
             # [B, h*w, C] in ComfyUI's layout (a transposed view).
-            feat = feats[feature_index(e)]
-            out[e["key"]] = self.zero_convs[e["key"]](feat).flatten(2).transpose(1, 2)
+            idx = feature_index(e)
+            out[e["key"]] = self.zero_convs[e["key"]](feats[idx]).flatten(2).transpose(1, 2)
+            if heads is not None:
+                out[cross_key(e["key"])] = heads[e["key"]](sink[idx])
         if return_attn_map:
             out[ATTN_MAP_KEY] = amap
         return out

@@ -24,6 +24,7 @@ __all__ = [
     "interleave_slots",
     "append_kv_slot",
     "reference_attention",
+    "enhanced_cross_output",
     "DEFAULT_LAMBDA",
 ]
 
@@ -58,6 +59,21 @@ def _row_weights(weight, batch: int, like: torch.Tensor) -> torch.Tensor | float
     if not math.isfinite(w):
         raise InjectionInputError("weight", f"{w} is not finite", "check the P3S schedule settings")
     return w
+
+
+def _check_pair(x, f, x_name: str, f_name: str, what: str, where: str) -> None:
+    """``x`` a [B, N, C] tensor and ``f`` (a copy feature) of exactly its shape, else a typed error."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise InjectionInputError(x_name, f"expected a [B, N, C] {what}, got "
+                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}",
+                                  f"call this from a {where}")
+    if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(x.shape):
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise InjectionInputError(
+            f_name, f"copy feature shape {got} does not match the {what} "
+            f"{tuple(x.shape)} [batch, tokens, channels]",
+            "use the adapter trained for this base model and run the copy on the same latent batch "
+            "and resolution as the sampler")
 
 
 def _row_mask(active, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -113,17 +129,7 @@ def injected_context_value(
         * ``f`` must match ``z`` in batch, token count and channels; anything else raises, since a
           mismatch could otherwise be folded silently into the batch by the attention kernel.
     """
-    if not isinstance(z, torch.Tensor) or z.dim() != 3:
-        raise InjectionInputError("z", f"expected a [B, N, C] hidden state, got "
-                                  f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}",
-                                  "call this from a self-attention (attn1) patch")
-    if not isinstance(f, torch.Tensor) or tuple(f.shape) != tuple(z.shape):
-        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
-        raise InjectionInputError(
-            "f", f"copy feature shape {got} does not match the self-attention hidden state "
-            f"{tuple(z.shape)} [batch, tokens, channels]",
-            "use the adapter trained for this base model and run the copy on the same latent batch "
-            "and resolution as the sampler")
+    _check_pair(z, f, "z", "f", "self-attention hidden state", "self-attention (attn1) patch")
     lam_f = float(lam)
     if not math.isfinite(lam_f):
         raise InjectionInputError("lam", f"{lam!r} is not finite", "use lambda = 0.2 (paper)")
@@ -155,6 +161,49 @@ def injected_context_value(
     plain = _join(z, z, z, z, interleaved)[0]
     keep = on.view(batch, 1, 1)
     return torch.where(keep, context, plain), torch.where(keep, value, plain)
+
+
+def enhanced_cross_output(out: torch.Tensor, g: torch.Tensor, weight: float | torch.Tensor,
+                          active: torch.Tensor | Sequence[bool] | None = None,
+                          token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-attention enhancement (paper Fig. 3, Eq. 9 weight; issue 22): ``out + eps_t g``.
+
+    ``out``: the original UNet's cross-attention (attn2) output ``[B, N, C]`` (after ``to_out``,
+    before the residual); ``g``: the copy's attn2 output of the matching level through its zero
+    convolution (:func:`~p3s_core.copy_unet.cross_key` entry of the copy's features), same shape;
+    ``weight``: eps_t, a float or ``[B]``; ``active``: optional bool ``[B]`` (rows that receive it);
+    ``token_weights``: optional ``[N]`` region weights in [0, 1] (the addition is scaled by them, so
+    it is exactly 0 outside the region). Returns ``out`` itself when nothing is added (weight 0 or
+    no active row): the plain model bit for bit.
+
+    Decision (why added to the attn2 OUTPUT and not as extra keys/values of attn2): the paper adds
+    "the hidden states ... in self and cross attention layers to the original model through a zero
+    convolution" (Fig. 3); only the self-attention half is written as extra keys/values (Eq. 7).
+    Extra K/V in attn2 would put image tokens beside the 77 text tokens of one softmax and change
+    every cross-attention map (the one L_ac compares, Eq. 11-13) even at initialisation; an added
+    zero-conv output is ControlNet's zero-convolution form, an exact no-op until trained, and keeps
+    the text-attention maps as they are.
+    """
+    _check_pair(out, g, "out", "g", "cross-attention output", "cross-attention (attn2) output patch")
+    batch = out.shape[0]
+    w = _row_weights(weight, batch, out)
+    mask = _row_mask(active, batch, out.device)
+    if isinstance(w, float):
+        if w == 0.0:
+            return out
+        rows = None if mask is None else mask.to(out.dtype) * w
+    else:
+        rows = w if mask is None else w * mask.to(out.dtype)
+    if rows is not None and not bool((rows != 0).any()):
+        return out
+    scale = w if rows is None else rows.view(batch, 1, 1)
+    if token_weights is not None:
+        tw = token_weights.to(device=out.device, dtype=out.dtype).reshape(1, -1, 1)
+        if tw.shape[1] != out.shape[1]:
+            raise InjectionInputError("token_weights", f"{tw.shape[1]} region weights for {out.shape[1]} tokens",
+                                      "compute the region weights on this layer's token grid")
+        scale = tw * scale
+    return out + g.to(device=out.device, dtype=out.dtype) * scale
 
 
 def _join(k0: torch.Tensor, k1: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, interleaved: bool):

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .copy_unet import ENHANCEMENTS
 from .errors import TrainingConfigError, TrainingDivergedError
 from .losses import total_loss
 from .precision import GradientWatch, TrainingPrecision
@@ -143,6 +144,9 @@ class TrainSettings:
     reference_pairing: str = "self"
     weight_decay: float = 0.01
     mask_background_weight: float = 0.1
+    #: issue 22: "cross" (self + cross attention, the paper's Fig. 3) or "self" for a new adapter; a
+    #: resumed adapter keeps its own.
+    enhancement: str = "cross"
 
     def validate(self, prompt: str | None = None) -> "TrainSettings":
         """Raise :class:`TrainingConfigError` naming the first bad field; return ``self``.
@@ -191,6 +195,9 @@ class TrainSettings:
         if self.reference_pairing not in REFERENCE_PAIRINGS:
             bad("reference_pairing", f"{self.reference_pairing!r} is not one of {REFERENCE_PAIRINGS}",
                 "use 'self' (paper) or 'other photo'")
+        if self.enhancement not in ENHANCEMENTS:
+            bad("enhancement", f"{self.enhancement!r} is not one of {ENHANCEMENTS}",
+                "use 'cross' (self + cross attention, the paper) or 'self' (self-attention only)")
         if not is_num(self.weight_decay) or not math.isfinite(float(self.weight_decay)) \
                 or float(self.weight_decay) < 0:
             bad("weight_decay", f"{self.weight_decay!r} is not a finite number >= 0", "use 0.01")

@@ -18,6 +18,25 @@ def tiny_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
+def tiny_unet(seed: int = 0, widths=(32, 64, 128, 128), groups: int = 8, context: int = 32, jitter: float = 0.01):
+    """A random diffusers UNet with the SD1.5 structure and small ``widths`` (eval, no grad), every
+    parameter moved by ``jitter`` noise so that no norm or bias is trivial."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=tuple(widths), norm_num_groups=groups, cross_attention_dim=context,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * jitter)
+    return unet.eval().requires_grad_(False)
+
+
 def build(root: Path, seed: int = 0) -> dict:
     """``{"model": diffusers SD folder, "clip_vision": transformers folder}`` under ``root``."""
     import torch

@@ -267,7 +267,8 @@ def generate_p3s(world: ToyWorld, adapter, cleaned_images, prompts, gs: GenSetti
                  zero_features: bool = False):
     """Images [N, 32, 32, 3] for ``prompts`` (``per_prompt`` each), reference ``i % n_photos`` for
     prompt ``i``, through :func:`p3s_core.diffusers_engine.generate`. ``zero_features`` plants the
-    bug "the copy's features are zeroed at the injection"."""
+    bug "the copy's features are zeroed at the injection" (the self-attention features and the
+    cross-attention enhancement's)."""
     from p3s_core import diffusers_engine as db
     from p3s_core.schedule import P3SSchedule
 
@@ -275,17 +276,20 @@ def generate_p3s(world: ToyWorld, adapter, cleaned_images, prompts, gs: GenSetti
     i2 = db.encode_reference(world.vae, world.vision, torch.from_numpy(np.stack(cleaned_images)), adapter=adapter)
     sched = gs.schedule if gs.schedule is not None else P3SSchedule()
     out = []
-    patch = None
-    if zero_features:
+    patches = []
+    if zero_features:  # both halves of the injection: Eq. 7's features and the cross enhancement's
         from p3s_core.diffusers_engine import attention as A
 
-        orig = A.injected_context_value
+        orig_self, orig_cross = A.injected_context_value, A.enhanced_cross_output
 
         def zeroed(z, f, *a, **k):
-            return orig(z, torch.zeros_like(f), *a, **k)
+            return orig_self(z, torch.zeros_like(f), *a, **k)
 
-        patch = (A, orig)
-        A.injected_context_value = zeroed
+        def zeroed_cross(out, g, *a, **k):
+            return orig_cross(out, torch.zeros_like(g), *a, **k)
+
+        patches = [("injected_context_value", orig_self), ("enhanced_cross_output", orig_cross)]
+        A.injected_context_value, A.enhanced_cross_output = zeroed, zeroed_cross
     try:
         for i, prompt in enumerate(prompts):
             ims = db.generate(pipe, adapter, i2, [prompt], steps=gs.steps, guidance_scale=gs.cfg, schedule=sched,
@@ -294,8 +298,9 @@ def generate_p3s(world: ToyWorld, adapter, cleaned_images, prompts, gs: GenSetti
                               reference_index=i % int(i2.shape[0]))[0]
             out += [np.asarray(im, dtype=np.float32) / 255.0 for im in ims]
     finally:
-        if patch is not None:
-            patch[0].injected_context_value = patch[1]
+        if patches:
+            for name, fn in patches:
+                setattr(A, name, fn)
     return np.stack(out)
 
 

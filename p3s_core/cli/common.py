@@ -168,7 +168,8 @@ def settings_from(args):
 
     return TrainSettings(epochs=args.epochs, lr=args.lr, gamma=args.gamma,
                          cond_dropout=args.cond_dropout, seed=args.seed, resolution=args.resolution,
-                         identifier=args.identifier, ac_layers=args.ac_layers)
+                         identifier=args.identifier, ac_layers=args.ac_layers,
+                         enhancement=getattr(args, "enhancement", "cross"))
 
 
 def prepare_training(pipe, clip, photos: Sequence[Path], prompt: str, resolution: int, masks_dir=None):
@@ -209,7 +210,8 @@ def train_one(pipe, clip, photos, prompt, settings, out_path, masks_dir=None, pr
 
     batches = prepare_training(pipe, clip, photos, prompt, settings.resolution, masks_dir)
     adapter = db.new_adapter_for_unet(pipe.unet, seed=settings.seed, config=db.copy_config_for(pipe.unet, copy_layout),
-                                      clip_dim=int(clip.config.hidden_size), training={"steps": 0})
+                                      clip_dim=int(clip.config.hidden_size), training={"steps": 0},
+                                      enhancement=settings.enhancement)
     device = next(pipe.unet.parameters()).device
     adapter.to(device)
     precision = resolve_precision(device, "auto", next(pipe.unet.parameters()).dtype)

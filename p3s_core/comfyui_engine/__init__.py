@@ -72,14 +72,14 @@ from .attention_route import ExtendedAttentionRoute, describe_patch
 from .checks import CLIP_VIT_L, check_clip_vit_l, check_eps_prediction, check_sd15, check_vae_sd15
 from .frozen_unet import (base_unet_copy_bytes, checkpointing_pays, enable_gradient_checkpointing, frozen_unet_copy,
                           frozen_unet_dtype, original_weight, patched_weight)
-from .injector import APPLY_TO, COPY_PRECISIONS, KV_SLOTS, LEVEL0_KEYS, P3SInjectorPatch, apply_injector
+from .injector import APPLY_TO, COPY_PRECISIONS, CROSS_ATTENTION, KV_SLOTS, LEVEL0_KEYS, P3SInjectorPatch, apply_injector
 from .reference import clip_patch_tokens, encode_reference, letterboxed_batch
 from .training import loss_parts, new_training_adapter, plot_parts, run_training, stored_reference
 from .training_inputs import cache_inputs, encode_prompt
 from .training_step import LAST_CROSS_ATTENTION, PRECISIONS, OriginalAttentionCapture, StepContext, build_step_fn
 
 __all__ = [
-    "APPLY_TO", "CLIP_VIT_L", "COPY_PRECISIONS", "KV_SLOTS", "LAST_CROSS_ATTENTION", "LEVEL0_KEYS", "PRECISIONS",
+    "APPLY_TO", "CLIP_VIT_L", "COPY_PRECISIONS", "CROSS_ATTENTION", "KV_SLOTS", "LAST_CROSS_ATTENTION", "LEVEL0_KEYS", "PRECISIONS",
     "ExtendedAttentionRoute", "OriginalAttentionCapture", "P3SInjectorPatch", "StepContext",
     "adapter_patcher", "adapter_patcher_class", "apply_injector", "base_unet_copy_bytes", "base_unet_state_dict",
     "build_step_fn", "cache_inputs", "check_clip_vit_l", "check_eps_prediction", "check_sd15", "check_vae_sd15",

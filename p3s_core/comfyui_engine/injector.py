@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..copy_unet import LAYER_MAP, layer_key
+from ..copy_unet import LAYER_MAP, cross_key, layer_key
 from ..errors import ModelMismatchError
-from ..injection import DEFAULT_LAMBDA, append_kv_slot, injected_context_value, pooled_tokens, resize_tokens
+from ..injection import (DEFAULT_LAMBDA, append_kv_slot, enhanced_cross_output, injected_context_value,
+                         pooled_tokens, resize_tokens, token_grid)
 from ..region import Region
 from .adapter_loading import adapter_patcher, comfy_twin
 from .attention_route import ExtendedAttentionRoute, describe_patch
@@ -16,6 +17,9 @@ from .checks import check_sd15
 from .region_patch import RegionalInjection, RegionRun
 
 APPLY_TO = ("cond and uncond", "cond only")
+#: The cross-attention enhancement at sampling (issue 22): what the adapter holds, or switched off
+#: (the self-attention injection only, as a format-1 adapter).
+CROSS_ATTENTION = ("as the adapter holds", "off")
 
 
 def _layer_key(extra_options) -> str:
@@ -88,9 +92,14 @@ class P3SInjectorPatch(RegionalInjection):
                  strength: float = 1.0, apply_to: str = "cond and uncond", model_sampling=None,
                  feature_hook=None, reference_index: int = 0, reference_mode: str = "one reference",
                  region: Region | None = None, level0_keys: str = LEVEL0_KEYS[0], reference=None,
-                 copy_precision: str = COPY_PRECISIONS[0], comfy_ops: bool | None = None):
+                 copy_precision: str = COPY_PRECISIONS[0], comfy_ops: bool | None = None,
+                 cross_attention: str = CROSS_ATTENTION[0]):
         from ..encoder import REFERENCE_MODES
 
+        if cross_attention not in CROSS_ATTENTION:
+            raise ValueError(f"cross_attention must be one of {CROSS_ATTENTION}")
+        #: issue 22: the cross-attention enhancement runs (the adapter has it and it is not off)
+        self.cross = cross_attention == CROSS_ATTENTION[0] and getattr(adapter, "enhancement", "self") == "cross"
         if apply_to not in APPLY_TO:
             raise ValueError(f"apply_to must be one of {APPLY_TO}")
         if copy_precision not in COPY_PRECISIONS and copy_precision not in _FORCED_DTYPES:
@@ -253,7 +262,7 @@ class P3SInjectorPatch(RegionalInjection):
             latent, hidden = self.reference
             i2 = net.encode_reference(latent.to(dev, dt), hidden.to(dev, dt), dtype=dt)
         if i2 is None:
-            out = net.copy(xs, ts, cs, None, return_attn_map=want_map, dtype=dt)
+            out = net.copy(xs, ts, cs, None, return_attn_map=want_map, dtype=dt, cross=self.cross)
         else:
             size = tuple(x.shape[-2:])
             self._warn_aspect(aspects_differ, size, tuple(i2.shape[-2:]))
@@ -265,7 +274,7 @@ class P3SInjectorPatch(RegionalInjection):
             out = None
             for i in indices:
                 ref = prepare_reference(i2, x.shape[0], size, index=i)
-                one = net.copy(xs, ts, cs, ref, return_attn_map=want_map, dtype=dt)
+                one = net.copy(xs, ts, cs, ref, return_attn_map=want_map, dtype=dt, cross=self.cross)
                 if out is None:
                     out = dict(one)
                 else:
@@ -353,6 +362,41 @@ class P3SInjectorPatch(RegionalInjection):
             bank.route.expect = (context.shape[0], context.shape[1])
         return n, context, value
 
+    def cross_output(self, out, extra_options):
+        """attn2 output patch: the cross-attention enhancement (Fig. 3, weighted by eps_t as Eq. 9;
+        see :func:`~p3s_core.injection.enhanced_cross_output` for the form and why). It follows the
+        attn2 patches and any attn2 replacement (IPAdapter-style nodes), chains with other attn2
+        output patches, and with a region adds only inside it (scaled by the region's weights)."""
+        bank = extra_options.get(self.key)
+        if bank is None:
+            return out
+        key = _layer_key(extra_options)
+        g = bank.features.get(cross_key(key))
+        if g is None:
+            return out
+        if g.shape[0] != out.shape[0]:
+            raise ModelMismatchError(
+                "model", f"another node changed the batch of cross-attention in {key} ({g.shape[0]} -> "
+                f"{out.shape[0]} rows)", "remove that node from the MODEL path of this P3S Condition Injector")
+        g = g.to(device=out.device, dtype=out.dtype)
+        shape = extra_options.get("original_shape", ())
+        if g.shape[1] != out.shape[1]:
+            g = resize_tokens(g, out.shape[1], shape)
+            if g is None:
+                raise ModelMismatchError(
+                    "model", f"cross-attention in {key} has {out.shape[1]} tokens, which is no token grid of "
+                    "this layer", "remove the node that changes the UNet's internal resolution")
+        tokens = None
+        if bank.region is not None:
+            grid = token_grid(out.shape[1], shape)
+            if grid is None:
+                raise ModelMismatchError(
+                    "model", f"cannot place the region on a cross-attention layer of {out.shape[1]} tokens",
+                    "remove the node that changes the UNet's internal resolution, or drop the region")
+            tokens = bank.region.region.weights(grid, device=out.device, dtype=out.dtype)
+        active = bank.active.to(out.device) if bank.active is not None else None
+        return enhanced_cross_output(out, g, bank.weight, active, tokens)
+
     @staticmethod
     def _others(bank) -> str:
         return ", ".join(bank.others) if bank.others else "another node's self-attention patch"
@@ -368,9 +412,11 @@ class P3SInjectorPatch(RegionalInjection):
 def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.0,
                    apply_to="cond and uncond", feature_hook=None, reference_index=0,
                    reference_mode="one reference", region: Region | None = None,
-                   level0_keys: str = LEVEL0_KEYS[0], reference=None, copy_precision: str = COPY_PRECISIONS[0]):
-    """A ``model.clone()`` with the P3S attn1 patch and per-step wrapper installed (chaining-safe).
-    ``reference``, ``copy_precision``: see :class:`P3SInjectorPatch`."""
+                   level0_keys: str = LEVEL0_KEYS[0], reference=None, copy_precision: str = COPY_PRECISIONS[0],
+                   cross_attention: str = CROSS_ATTENTION[0]):
+    """A ``model.clone()`` with the P3S attn1 patch, the attn2 output patch of the cross-attention
+    enhancement (when the adapter has it and ``cross_attention`` is not "off") and the per-step
+    wrapper installed (chaining-safe). ``reference``, ``copy_precision``: see :class:`P3SInjectorPatch`."""
     import comfy.patcher_extension as pe
 
     check_sd15(model)
@@ -379,7 +425,7 @@ def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.
                              model_sampling=m.get_model_object("model_sampling"), feature_hook=feature_hook,
                              reference_index=reference_index, reference_mode=reference_mode,
                              region=region, level0_keys=level0_keys, reference=reference,
-                             copy_precision=copy_precision)
+                             copy_precision=copy_precision, cross_attention=cross_attention)
     if patch.strength == 0.0 and feature_hook is None:
         # Speed: weight 0 everywhere is the plain model; install nothing (no per-layer patch
         # call, no wrapper, the adapter is not loaded with the model).
@@ -387,6 +433,8 @@ def apply_injector(model, adapter, i2, schedule, lam=DEFAULT_LAMBDA, strength=1.
     m.set_model_attn1_patch(patch)
     if region is not None:
         m.set_model_attn1_output_patch(patch.region_output)
+    if patch.cross:
+        m.set_model_attn2_output_patch(patch.cross_output)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, patch.key, patch.diffusion_wrapper)
     m.set_additional_models(patch.key, [patch.adapter_patcher()])
     return m, patch

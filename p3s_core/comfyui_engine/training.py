@@ -16,10 +16,11 @@ from .training_step import build_step_fn
 log = logging.getLogger("P3S")
 
 
-def new_training_adapter(unet, resume=None, seed: int = 0, copy_layout: str = DEFAULT_COPY_LAYOUT):
+def new_training_adapter(unet, resume=None, seed: int = 0, copy_layout: str = DEFAULT_COPY_LAYOUT,
+                         enhancement: str = "cross"):
     """A fresh adapter initialised from the (frozen copy of the) base UNet with the copy layout
-    ``copy_layout`` (issue 22), or a private copy of ``resume`` (never trained in place: nodes are
-    pure; it keeps its own layout). Outside inference mode, float32, CPU."""
+    ``copy_layout`` and ``enhancement`` (issue 22), or a private copy of ``resume`` (never trained in
+    place: nodes are pure; it keeps its own layout and enhancement). Outside inference mode, float32, CPU."""
     from ..adapter import P3SAdapter, new_adapter
     from ..copy_config import CopyUNetConfig
 
@@ -27,10 +28,10 @@ def new_training_adapter(unet, resume=None, seed: int = 0, copy_layout: str = DE
         if resume is None:
             sd = {k: v.to("cpu") for k, v in unet.state_dict().items()}
             return new_adapter(CopyUNetConfig.sd15(copy_layout), unet_state_dict=sd, seed=seed,
-                               training={"steps": 0})
+                               training={"steps": 0}, enhancement=enhancement)
         adapter = P3SAdapter(resume.config, resume.lam, dict(resume.training_info),
                              resume.encoder.clip_dim, resume.encoder.inner_dim,
-                             resume.base_unet_hash)
+                             resume.base_unet_hash, enhancement=getattr(resume, "enhancement", "self"))
         adapter.load_state_dict({k: v.detach().to("cpu", torch.float32).clone()
                                  for k, v in resume.state_dict().items()})
         return adapter
@@ -79,7 +80,7 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         unet = frozen_unet_copy(model, device)
         if gradient_checkpointing is None:
             gradient_checkpointing = checkpointing_pays(device, settings.resolution)
-        adapter = new_training_adapter(unet, resume, settings.seed, copy_layout)
+        adapter = new_training_adapter(unet, resume, settings.seed, copy_layout, settings.enhancement)
         _warn_if_other_base(adapter, unet)
         with torch.inference_mode(False):
             adapter.to(device)

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelMismatchError, P3SError
-from ..injection import DEFAULT_LAMBDA, injected_context_value
-from .layers import DIFFUSERS_LAYER_KEYS, check_unet_sd15
+from ..copy_unet import cross_key
+from ..injection import DEFAULT_LAMBDA, enhanced_cross_output, injected_context_value
+from .layers import _ATTN2_KEYS, DIFFUSERS_LAYER_KEYS, check_unet_sd15
 
 APPLY_TO = ("cond and uncond", "cond only")
+#: The cross-attention enhancement (issue 22), as the Condition Injector's ``cross_attention``.
+CROSS_ATTENTION = ("as the adapter holds", "off")
 #: The copy's compute dtype, as the Condition Injector's ``copy_precision``: the UNet's dtype (default)
 #: or fp32; "fp16" / "bf16" force one (e.g. to measure them beside an fp32 UNet).
 COPY_PRECISIONS = ("same as the UNet", "fp32")
@@ -82,6 +85,26 @@ class P3SAttnProcessor:
         return out
 
 
+class P3SCrossProcessor:
+    """The cross-attention enhancement on one diffusers cross-attention (attn2) layer (Fig. 3,
+    :func:`~p3s_core.injection.enhanced_cross_output`): the wrapped processor's output (the plain
+    one, or training's :class:`CrossAttentionCapture`) plus eps_t times the copy's cross feature."""
+
+    def __init__(self, injector: "P3SDiffusersInjector", key: str, base):
+        self.injector, self.key, self.base = injector, key, base
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        out = self.base(attn, hidden_states, *args, **kwargs)
+        bank = self.injector.bank
+        g = None if bank is None else bank["features"].get(cross_key(self.key))
+        if g is None or out.ndim != 3:
+            return out
+        if g.shape[0] != out.shape[0]:
+            raise ModelMismatchError("unet", f"the UNet batch changed inside cross-attention "
+                                     f"({g.shape[0]} -> {out.shape[0]} rows)", "run P3S on a plain SD1.5 UNet")
+        return enhanced_cross_output(out, g, bank["weight"], bank["active"])
+
+
 class CrossAttentionCapture:
     """Processor for the original UNet's cross-attention layers during training: the attention with
     an explicit softmax (Eq. 13), storing the head-averaged map [B, h*w, tokens] under its key."""
@@ -128,9 +151,12 @@ class P3SDiffusersInjector:
                  apply_to: str = "cond and uncond", num_train_timesteps: int = 1000,
                  cfg_batch: bool = False, feature_hook: Callable | None = None,
                  reference_index: int = 0, reference_mode: str = "one reference",
-                 copy_precision: str = COPY_PRECISIONS[0]):
+                 copy_precision: str = COPY_PRECISIONS[0], cross_attention: str = CROSS_ATTENTION[0]):
         from ..encoder import REFERENCE_MODES, check_reference_index
 
+        if cross_attention not in CROSS_ATTENTION:
+            raise P3SError("cross_attention", f"{cross_attention!r} is not one of {CROSS_ATTENTION}",
+                           "use 'as the adapter holds' (default) or 'off'")
         if reference_mode not in REFERENCE_MODES:
             raise P3SError("reference_mode", f"{reference_mode!r} is not one of {REFERENCE_MODES}",
                            "use 'one reference' (default) or 'average copy features'")
@@ -157,6 +183,8 @@ class P3SDiffusersInjector:
         self.feature_hook = feature_hook
         self.reference_index, self.reference_mode = int(reference_index), reference_mode
         self.copy_precision = copy_precision
+        #: issue 22: the cross-attention enhancement runs (the adapter has it and it is not off)
+        self.cross = cross_attention == CROSS_ATTENTION[0] and getattr(adapter, "enhancement", "self") == "cross"
         self._twin = None
         self.bank: dict | None = None
         self._saved = None
@@ -212,12 +240,12 @@ class P3SDiffusersInjector:
         xs, cs = sample.to(dev, dt), context.to(dev, dt)
         want_map = self.feature_hook is not None
         if self.i2 is None:
-            out = net.copy(xs, ts, cs, None, return_attn_map=want_map, dtype=dt)
+            out = net.copy(xs, ts, cs, None, return_attn_map=want_map, dtype=dt, cross=self.cross)
         else:
             i2 = self.i2.to(dev, dt)
             indices = [self.reference_index] if self.reference_mode == "one reference" else range(int(i2.shape[0]))
             outs = [net.copy(xs, ts, cs, prepare_reference(i2, sample.shape[0], tuple(sample.shape[-2:]), index=k),
-                             return_attn_map=want_map, dtype=dt) for k in indices]
+                             return_attn_map=want_map, dtype=dt, cross=self.cross) for k in indices]
             out = outs[0] if len(outs) == 1 else {key: sum(o[key] for o in outs) / len(outs) for key in outs[0]}
         if self.feature_hook is not None:
             self.feature_hook(out)
@@ -249,10 +277,10 @@ class P3SDiffusersInjector:
             mod = name[: -len(".processor")]
             if mod in DIFFUSERS_LAYER_KEYS:
                 procs[name] = P3SAttnProcessor(self, DIFFUSERS_LAYER_KEYS[mod], proc)
-            elif mod in self.extra_processors:
-                procs[name] = self.extra_processors[mod]
             else:
-                procs[name] = proc
+                procs[name] = self.extra_processors.get(mod, proc)
+            if self.cross and mod in _ATTN2_KEYS:
+                procs[name] = P3SCrossProcessor(self, _ATTN2_KEYS[mod], procs[name])
         self.unet.set_attn_processor(procs)
         self._saved = saved
         self._handles = [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),

@@ -535,10 +535,12 @@ def test_injector_schedule_not_a_schedule(comfy, inject_args):
 @pytest.mark.parametrize("name,value,problem", [("reference_index", 64, "outside [0, 63]"),
                                                 ("reference_mode", "average latents", "not one of the options"),
                                                 ("level0_keys", "pooled", "not one of the options"),
-                                                ("copy_precision", "fp8", "not one of the options")])
+                                                ("copy_precision", "fp8", "not one of the options"),
+                                                ("cross_attention", "on", "not one of the options")])
 def test_injector_reference_setting_out_of_range(comfy, inject_args, name, value, problem):
     fix = {"reference_index": "from 0 to 0", "reference_mode": "'average copy features'",
-           "level0_keys": "'pooled 2x2 (faster)'", "copy_precision": "'same as the UNet', 'fp32'"}[name]
+           "level0_keys": "'pooled 2x2 (faster)'", "copy_precision": "'same as the UNet', 'fp32'",
+           "cross_attention": "'as the adapter holds', 'off'"}[name]
     with expect(comfy, "SettingError", name, fix, problem):
         inject(comfy, inject_args, **{name: value})
 
@@ -690,7 +692,7 @@ def bad_adapter_files(safe_io, good: Path, tmp: Path) -> dict:
         out[name] = ("pickle / PyTorch checkpoint", "use a .safetensors adapter")
     out[rewrite(safe_io, good, "bad_sdxl_family.safetensors", {"base_family": "sdxl"})] = (
         "for base model family 'sdxl'", "trained on an SD1.5 model")
-    out[rewrite(safe_io, good, "bad_newer_format.safetensors", {"p3s_format_version": "2"})] = (
+    out[rewrite(safe_io, good, "bad_newer_format.safetensors", {"p3s_format_version": "3"})] = (
         "made by a newer P3S version", "update the pack")
     out[rewrite(safe_io, good, "bad_missing_tensor.safetensors", drop_first=True)] = (
         "1 tensors are missing", "the file is incomplete")
@@ -897,10 +899,11 @@ def test_trainer_clip_vision_not_vit_l14(comfy, train_args, other_clip_visions):
 
 
 @pytest.mark.parametrize("name,value", [("ac_reading", "printed"), ("reference_pairing", "random photo"),
-                                        ("gradient_checkpointing", "sometimes"), ("copy_layout", "half")])
+                                        ("gradient_checkpointing", "sometimes"), ("copy_layout", "half"),
+                                        ("enhancement", "both")])
 def test_trainer_choice_not_in_list(comfy, train_args, name, value):
     fix = {"ac_reading": "'mass'", "reference_pairing": "'other photo'", "gradient_checkpointing": "auto",
-           "copy_layout": "'encoder'"}[name]
+           "copy_layout": "'encoder'", "enhancement": "'self-attention only'"}[name]
     with expect(comfy, "TrainingConfigError", name, fix, "is not one of"):
         train(comfy, train_args, **{name: value})
 

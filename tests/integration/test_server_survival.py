@@ -489,10 +489,13 @@ REFUSED_400 = {
         injector_graph(level0_keys="pooled"), "value_not_in_list"),
     "`test_injector_reference_setting_out_of_range[copy_precision-…]`": (
         injector_graph(copy_precision="fp8"), "value_not_in_list"),
+    "`test_injector_reference_setting_out_of_range[cross_attention-…]`": (
+        injector_graph(cross_attention="on"), "value_not_in_list"),
     "`test_trainer_choice_not_in_list[ac_reading-printed]`": (trainer_graph(ac_reading="printed"), "value_not_in_list"),
     "`test_trainer_choice_not_in_list[reference_pairing-random photo]`": (
         trainer_graph(reference_pairing="random photo"), "value_not_in_list"),
     "`test_trainer_choice_not_in_list[copy_layout-half]`": (trainer_graph(copy_layout="half"), "value_not_in_list"),
+    "`test_trainer_choice_not_in_list[enhancement-both]`": (trainer_graph(enhancement="both"), "value_not_in_list"),
     # the P3S Trainer's VALIDATE_INPUTS (it also accepts the true / false of older workflows)
     "`test_trainer_choice_not_in_list[gradient_checkpointing-sometimes]`": (
         trainer_graph(gradient_checkpointing="sometimes"), "custom_validation_failed"),

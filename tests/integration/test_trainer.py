@@ -104,8 +104,14 @@ def test_saved_file_loads_and_differs_from_the_untrained_init(comfy, sd15, first
     for key in ["copy.zero_convs.input_1.weight", "copy.zero_convs.output_11.weight",
                 "copy.zero_convs.middle_0.weight", "copy.levels.0.res.in_layers.2.weight",
                 "copy.levels.0.st.transformer_blocks.0.attn2.to_q.weight", "encoder.zero_conv.weight",
-                "encoder.to_v.weight"]:
+                "encoder.to_v.weight", "copy.cross_zero_convs.input_1.weight",
+                "copy.cross_zero_convs.output_11.weight", "copy.cross_zero_convs.middle_0.weight"]:
         assert not torch.equal(i_sd[key], l_sd[key]), key
+    # the Trainer's default is the paper's self + cross attention injection (issue 22); all 16 of the
+    # cross-attention enhancement's zero convs learned through L_LDM
+    assert loaded.enhancement == "cross" and float(i_sd["copy.cross_zero_convs.input_1.weight"].abs().max()) == 0.0
+    assert all(not torch.equal(i_sd[k], l_sd[k]) for k in i_sd if k.startswith("copy.cross_zero_convs.")
+               and k.endswith(".weight"))
     assert float(i_sd["copy.zero_convs.input_1.weight"].abs().max()) == 0.0
     # 2 AdamW steps at lr 1e-5 move each weight by about 2e-5, not more
     delta = max(float((l_sd[k] - i_sd[k]).abs().max()) for k in i_sd)

@@ -221,7 +221,8 @@ def test_file_layout_is_plain_safetensors_with_p3s_metadata(tiny_adapter, saved)
     assert "encoder.zero_conv.weight" in tensors
     with safe_open(str(saved), "pt") as f:
         meta = f.metadata()
-    assert meta["p3s_format_version"] == str(FORMAT_VERSION) == "1"
+    assert meta["p3s_format_version"] == str(FORMAT_VERSION) == "2"
+    assert meta["enhancement"] == tiny_adapter.enhancement and meta["copy_layout"] == "encoder"
     assert meta["base_family"] == BASE_FAMILY == "sd15"
     assert json.loads(meta["config"]) == TINY.to_dict()
     assert json.loads(meta["layer_map"]) == layer_map(TINY)
@@ -328,7 +329,7 @@ def test_other_base_family_is_refused(saved, tmp_path):
 
 
 def test_newer_format_is_refused(saved, tmp_path):
-    p = _rewrite(saved, tmp_path / "v2.safetensors", meta_update={"p3s_format_version": "2"})
+    p = _rewrite(saved, tmp_path / "v3.safetensors", meta_update={"p3s_format_version": str(FORMAT_VERSION + 1)})
     with pytest.raises(AdapterFileError, match="newer P3S version") as ei:
         load_adapter(p)
     assert "update the pack" in str(ei.value)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,24 +15,15 @@ from p3s_core.injection import reference_attention
 from p3s_core.schedule import P3SSchedule
 from p3s_core.train import TrainSettings
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny_sd  # noqa: E402
+
 CFG = CopyUNetConfig.tiny()
 
 
 def tiny_unet(seed=0):
     """A diffusers UNet with the SD1.5 structure and the tiny copy's widths (32/64/128/128)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64, 128, 128), norm_num_groups=8, cross_attention_dim=32,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    with torch.no_grad():  # diffusers zero-inits nothing here, but make norms non-trivial
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return unet.eval().requires_grad_(False)
+    return tiny_sd.tiny_unet(seed)
 
 
 @pytest.fixture(scope="module")
