@@ -87,7 +87,9 @@ def test_the_twin_is_all_comfyui_cast_layers_sharing_the_adapters_weights(comfy,
     twin = backend.comfy_twin(active_adapter)
     assert backend.comfy_twin(active_adapter) is twin  # cached
     layers = _layers_with_weights(twin)
-    assert len(layers) == len(_layers_with_weights(active_adapter)) == 112
+    # 112 layers + the 16 zero convs of the cross-attention enhancement (issue 22; new adapters have it)
+    assert len(layers) == len(_layers_with_weights(active_adapter)) == 112 + 16
+    assert sum(n.startswith("copy.cross_zero_convs.") for n, _ in layers) == 16
     assert all(hasattr(m, "comfy_cast_weights") and not any(True for _ in m.children()) for _, m in layers)
     assert not any(hasattr(m, "comfy_cast_weights") for _, m in _layers_with_weights(active_adapter))
     mine = dict(active_adapter.named_parameters())
@@ -169,7 +171,7 @@ def test_p3s_sampling_step_is_unchanged_when_comfyui_offloads(comfy, sd15, activ
         layer = patched.model.diffusion_model.get_submodule("input_blocks.1.1.transformer_blocks.0.attn1.to_q")
         assert layer.comfy_cast_weights  # really the per-layer cast (offloaded) path
         every = [n for n, _ in _layers_with_weights(twin)]
-        assert _lowvram_layers(twin) == every and len(every) == 112
+        assert _lowvram_layers(twin) == every and len(every) == 112 + 16  # + the cross zero convs
         assert any(n.startswith("encoder.") for n in every) and any(n.startswith("copy.zero_convs.") for n in every)
         assert twin.model_lowvram is True and twin.model_loaded_weight_memory == 0
         low = _apply(patched, x, sigma, ctx, patched)
