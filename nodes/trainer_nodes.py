@@ -8,7 +8,7 @@ from .adapter_nodes import adapter_file_name, check_adapter
 from .common import ADAPTER, CATEGORY, check_image_batch, check_text, numpy_to_image
 
 #: issue 22: the injection the new adapter learns (node text -> p3s_core.copy_unet.ENHANCEMENTS)
-ENHANCEMENTS = {"self + cross attention (paper)": "cross", "self-attention only": "self"}
+ENHANCEMENTS = {"self-attention only": "self", "self + cross attention (paper)": "cross"}
 
 
 def _estimated_adapter_bytes(copy_layout: str = "encoder") -> int:
@@ -93,7 +93,7 @@ class P3STrainer:
                 "reference_pairing": (["self", "other photo"], {"advanced": True, "default": "self", "tooltip": "Which reference I' each training step sees. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose."}),
                 "reproducible": ("BOOLEAN", {"advanced": True, "default": True, "tooltip": "On the CPU: train on one thread, so the same seed writes the same adapter file byte for byte (with several threads the backward pass differs in the last bits from run to run). Costs step time on multi-core CPUs (see the README). No effect on GPUs."}),
                 "copy_layout": (list(COPY_LAYOUTS), {"advanced": True, "default": DEFAULT_COPY_LAYOUT, "tooltip": "Layout of the trainable copy (Eq. 6). 'encoder': the copy's encoder half + middle; each UNet self-attention layer reads the copy level of its resolution (179.6 M parameters). 'full': a decoder half too (one ResNet block + one transformer per level, fed by the copy's own skips), so the decoder-side layers read the copy's decoder, as the paper describes (329.7 M parameters, slower steps; see the README). A resumed adapter keeps its own layout."}),
-                "enhancement": (list(ENHANCEMENTS), {"advanced": True, "default": "self + cross attention (paper)", "tooltip": "What the new adapter injects. 'self + cross attention (paper)': the copy's features extend the self-attention (Eq. 7) and its cross-attention outputs are added to the model's cross-attention outputs through zero convolutions (Fig. 3; 16 more zero convolutions, about 50 MB more in the file). 'self-attention only': the self-attention injection alone (adapters saved before this option). A resumed adapter keeps its own."}),
+                "enhancement": (list(ENHANCEMENTS), {"advanced": True, "default": "self-attention only", "tooltip": "What the new adapter injects. 'self-attention only' (default): the copy's features extend the self-attention (Eq. 7). 'self + cross attention (paper)': its cross-attention outputs are also added to the model's cross-attention outputs through zero convolutions (Fig. 3; 16 more zero convolutions, about 50 MB more in the file); opt-in: in the toy world it raised the held-out denoising loss (see the README). A resumed adapter keeps its own."}),
             },
         }
 
@@ -113,7 +113,7 @@ class P3STrainer:
     def train(self, model, clip, vae, clip_vision, images, prompt, identifier, epochs, learning_rate, gamma,
               resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing="auto",
               ac_reading="mass", reference_pairing="self", reproducible=True, copy_layout=None,
-              enhancement="self + cross attention (paper)"):
+              enhancement="self-attention only"):
         from ..p3s_core import comfyui_engine as engine
         from ..p3s_core.comfyui_engine import training as trainer
         from ..p3s_core.copy_config import COPY_LAYOUTS, DEFAULT_COPY_LAYOUT, check_copy_layout
@@ -129,7 +129,7 @@ class P3STrainer:
         mask = _check_mask(images, mask)
         if enhancement not in ENHANCEMENTS:
             raise TrainingConfigError("enhancement", f"{enhancement!r} is not one of {tuple(ENHANCEMENTS)}",
-                                      "use 'self + cross attention (paper)' (default) or 'self-attention only'")
+                                      "use 'self-attention only' (default) or 'self + cross attention (paper)'")
         checkpointing = checkpointing_choice(gradient_checkpointing)  # None: on where it pays
         copy_layout = check_copy_layout(DEFAULT_COPY_LAYOUT if copy_layout is None else copy_layout)
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,

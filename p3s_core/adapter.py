@@ -60,7 +60,7 @@ from torch import nn
 
 from .copy_init import init_from_ldm_unet, ldm_key_map
 from .copy_config import COPY_LAYOUTS as _COPY_LAYOUTS
-from .copy_unet import ENHANCEMENTS, CopyUNetConfig, P3SCopyUNet, check_enhancement, layer_map
+from .copy_unet import DEFAULT_ENHANCEMENT, ENHANCEMENTS, CopyUNetConfig, P3SCopyUNet, check_enhancement, layer_map
 from .encoder import RNGREncoder
 from .errors import AdapterFileError
 from .operations import check_operations
@@ -449,7 +449,7 @@ def new_adapter(config: CopyUNetConfig | None = None,
                 lam: float = DEFAULT_LAMBDA, seed: int = 0, *, unet_prefix: str = "",
                 clip_dim: int = 1024, encoder_inner_dim: int = 64,
                 training: Mapping[str, Any] | None = None, operations=None,
-                enhancement: str = "cross") -> P3SAdapter:
+                enhancement: str = DEFAULT_ENHANCEMENT) -> P3SAdapter:
     """Build a fresh adapter, deterministic for ``seed`` (the global RNG is left untouched).
 
     With ``unet_state_dict`` (LDM names, ``unet_prefix`` e.g. ``"model.diffusion_model."``) the

@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .copy_unet import ENHANCEMENTS
+from .copy_unet import DEFAULT_ENHANCEMENT, ENHANCEMENTS
 from .errors import TrainingConfigError, TrainingDivergedError
 from .losses import total_loss
 from .precision import GradientWatch, TrainingPrecision
@@ -144,9 +144,9 @@ class TrainSettings:
     reference_pairing: str = "self"
     weight_decay: float = 0.01
     mask_background_weight: float = 0.1
-    #: issue 22: "cross" (self + cross attention, the paper's Fig. 3) or "self" for a new adapter; a
-    #: resumed adapter keeps its own.
-    enhancement: str = "cross"
+    #: issue 22: "self" (default) or "cross" (self + cross attention, the paper's Fig. 3) for a new
+    #: adapter; a resumed adapter keeps its own.
+    enhancement: str = DEFAULT_ENHANCEMENT
 
     def validate(self, prompt: str | None = None) -> "TrainSettings":
         """Raise :class:`TrainingConfigError` naming the first bad field; return ``self``.

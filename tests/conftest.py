@@ -144,7 +144,8 @@ def active_adapter(comfy, sd15):
     adapter_mod, copy_mod, backend = comfy.core("adapter"), comfy.core("copy_unet"), comfy.core("comfyui_engine")
     with torch.inference_mode(False):
         sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
-        adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=0)
+        # with the cross-attention enhancement (opt-in), so every test through this adapter runs its path
+        adapter = adapter_mod.new_adapter(copy_mod.CopyUNetConfig.sd15(), sd, seed=0, enhancement="cross")
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for conv in adapter.copy.zero_convs.values():

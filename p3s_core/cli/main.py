@@ -35,8 +35,9 @@ def _train_args(p):
     p.add_argument("--identifier", default="sks", help="rare identifier token; paper: %(default)s")
     p.add_argument("--ac-layers", default="last", choices=("last", "all"),
                    help="L_ac on the last cross-attention layer (paper) or all 16 (default: %(default)s)")
-    p.add_argument("--enhancement", default="cross", choices=("cross", "self"),
-                   help="self + cross attention injection (paper, Fig. 3) or self-attention only (default: %(default)s)")
+    p.add_argument("--enhancement", default="self", choices=("self", "cross"),
+                   help="self-attention injection only, or self + cross attention (paper, Fig. 3; opt-in, see the "
+                        "README's decisions) (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="short side of the photos (default: %(default)s)")
     p.add_argument("--copy-layout", default=DEFAULT_COPY_LAYOUT, choices=COPY_LAYOUTS,
                    help="trainable copy: 'encoder' (encoder half + middle) or 'full' (+ a decoder half, "

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..copy_config import DEFAULT_COPY_LAYOUT, check_copy_layout
+from ..copy_unet import DEFAULT_ENHANCEMENT
 from ..errors import TrainingDivergedError
 from ..train import TrainSettings
 from .frozen_unet import checkpointing_pays, frozen_unet_copy
@@ -17,7 +18,7 @@ log = logging.getLogger("P3S")
 
 
 def new_training_adapter(unet, resume=None, seed: int = 0, copy_layout: str = DEFAULT_COPY_LAYOUT,
-                         enhancement: str = "cross"):
+                         enhancement: str = DEFAULT_ENHANCEMENT):
     """A fresh adapter initialised from the (frozen copy of the) base UNet with the copy layout
     ``copy_layout`` and ``enhancement`` (issue 22), or a private copy of ``resume`` (never trained in
     place: nodes are pure; it keeps its own layout and enhancement). Outside inference mode, float32, CPU."""

@@ -27,7 +27,7 @@ def cross_adapter(comfy, sd15):
     adapter_mod, backend = comfy.core("adapter"), comfy.core("comfyui_engine")
     with torch.inference_mode(False):
         sd = {k: v.detach().clone() for k, v in backend.base_unet_state_dict(sd15.model).items()}
-        adapter = adapter_mod.new_adapter(None, sd, seed=0)
+        adapter = adapter_mod.new_adapter(None, sd, seed=0, enhancement="cross")
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for conv in adapter.copy.zero_convs.values():

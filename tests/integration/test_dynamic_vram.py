@@ -87,7 +87,7 @@ def test_the_twin_is_all_comfyui_cast_layers_sharing_the_adapters_weights(comfy,
     twin = backend.comfy_twin(active_adapter)
     assert backend.comfy_twin(active_adapter) is twin  # cached
     layers = _layers_with_weights(twin)
-    # 112 layers + the 16 zero convs of the cross-attention enhancement (issue 22; new adapters have it)
+    # 112 layers + the 16 zero convs of the cross-attention enhancement (issue 22; the fixture has it)
     assert len(layers) == len(_layers_with_weights(active_adapter)) == 112 + 16
     assert sum(n.startswith("copy.cross_zero_convs.") for n, _ in layers) == 16
     assert all(hasattr(m, "comfy_cast_weights") and not any(True for _ in m.children()) for _, m in layers)

@@ -27,8 +27,10 @@ NODES = ["P3SPointSelector", "P3SRNGRMaskInpaint", "P3STimestepWeightScheduler",
          "P3SAdapterLoader", "P3SAdapterSave", "P3STrainer", "P3SRegion"]
 # The inputs beyond the paper's few: folded by the frontend until "Show Advanced".
 ADVANCED = {
-    "P3STrainer": {"save_every", "gradient_checkpointing", "ac_reading", "reference_pairing", "reproducible"},
-    "P3SConditionInjector": {"apply_to", "reference_index", "reference_mode", "feather", "level0_keys", "copy_precision"},
+    "P3STrainer": {"save_every", "gradient_checkpointing", "ac_reading", "reference_pairing", "reproducible",
+                   "copy_layout", "enhancement"},
+    "P3SConditionInjector": {"apply_to", "reference_index", "reference_mode", "feather", "level0_keys", "copy_precision",
+                             "cross_attention"},
     "P3SRNGRMaskInpaint": {"grow"},
     "P3STimestepWeightScheduler": {"strength", "custom_values"},
 }

@@ -31,7 +31,7 @@ def adapter(comfy, sd15):
     adapter_mod = comfy.core("adapter")
     with torch.inference_mode(False):
         sd = {k: v.detach().clone().float() for k, v in backend.base_unet_state_dict(sd15.model).items()}
-        ad = adapter_mod.new_adapter(None, sd, seed=0)
+        ad = adapter_mod.new_adapter(None, sd, seed=0, enhancement="cross")
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for conv in list(ad.copy.zero_convs.values()) + [ad.encoder.zero_conv]:
@@ -72,7 +72,7 @@ def _comfy_eps(comfy, sd15, adapter, i2, x_vp, t, context, **kw):
 def test_copy_init_from_diffusers_equals_init_from_comfyui(engines, adapter):
     db, dunet = engines
     with torch.inference_mode(False):
-        mine = db.new_adapter_for_unet(dunet, seed=0)
+        mine = db.new_adapter_for_unet(dunet, seed=0, enhancement="cross")
     assert mine.base_unet_hash == adapter.base_unet_hash
     theirs = adapter.copy.state_dict()
     for k, v in mine.copy.state_dict().items():

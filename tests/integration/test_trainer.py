@@ -63,7 +63,8 @@ def first_run(comfy, sd15, clip_vision, photos):
 
     cu.ProgressBar.update_absolute = spy
     try:
-        out = _train(comfy, **_node_args(sd15, clip_vision, photos.images, mask=photos.masks, epochs=1))
+        out = _train(comfy, **_node_args(sd15, clip_vision, photos.images, mask=photos.masks, epochs=1,
+                                         enhancement="self + cross attention (paper)"))
     finally:
         cu.ProgressBar.update_absolute = orig
     path = _p3s_folder(comfy) / "p3s_it_subject.safetensors"
@@ -96,7 +97,8 @@ def test_saved_file_loads_and_differs_from_the_untrained_init(comfy, sd15, first
     assert t_sd.keys() == l_sd.keys() and all(torch.equal(t_sd[k].cpu(), l_sd[k]) for k in t_sd)
     assert loaded.training_info["steps"] == 2
     with torch.inference_mode(False):
-        init = adapter_mod.new_adapter(unet_state_dict=backend.base_unet_state_dict(sd15.model), seed=0)
+        init = adapter_mod.new_adapter(unet_state_dict=backend.base_unet_state_dict(sd15.model), seed=0,
+                                       enhancement="cross")
     i_sd = init.state_dict()
     assert loaded.base_unet_hash == init.base_unet_hash
     # gradients reached every part through the frozen UNet: the zero convs of the copy (Eq. 6), the

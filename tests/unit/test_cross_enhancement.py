@@ -50,6 +50,7 @@ def acting(adapter, seed=3, cross_scale=0.3):
 
 
 def cross_adapter(unet, **kw):
+    kw.setdefault("enhancement", "cross")  # opt-in (the default is "self")
     return db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), **ENC, **kw)
 
 
@@ -106,7 +107,8 @@ def _with_meta(src: Path, dst: Path, **update) -> Path:
 
 
 def test_bad_enhancement_or_layout_metadata_is_refused(tmp_path):
-    good = save_adapter(new_adapter(CopyUNetConfig.tiny(), seed=0, **ENC), tmp_path / "good.safetensors")
+    good = save_adapter(new_adapter(CopyUNetConfig.tiny(), seed=0, enhancement="cross", **ENC),
+                        tmp_path / "good.safetensors")
     with pytest.raises(AdapterFileError, match="'enhancement' is 'both'"):
         load_adapter(_with_meta(good, tmp_path / "e.safetensors", enhancement="both"))
     with pytest.raises(AdapterFileError, match="update the pack"):
@@ -121,10 +123,12 @@ def test_bad_enhancement_or_layout_metadata_is_refused(tmp_path):
 
 
 # --- the zero convolutions ------------------------------------------------------------------------
-def test_new_adapters_have_the_enhancement_by_default_and_it_is_an_exact_no_op_at_init(unet):
+def test_the_enhancement_is_opt_in_and_an_exact_no_op_at_init(unet):
     cross = cross_adapter(unet)
     selfonly = cross_adapter(unet, enhancement="self")
     assert cross.enhancement == "cross" and selfonly.enhancement == "self"
+    assert db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), **ENC).enhancement == "self"
+    assert TrainSettings().enhancement == "self"
     assert set(cross.copy.cross_zero_convs) == {e["key"] for e in cross.layer_map}
     assert all(torch.equal(t, cross.state_dict()[k]) for k, t in selfonly.state_dict().items())
     inp = fixture.fixture_inputs()
@@ -260,7 +264,7 @@ def test_the_comfyui_attn2_output_patch_adds_eps_t_g_to_active_rows_inside_the_r
     from p3s_core.comfyui_engine.region_patch import RegionRun
     from p3s_core.region import Region
 
-    adapter = new_adapter(CopyUNetConfig.tiny(), seed=0, **ENC)
+    adapter = new_adapter(CopyUNetConfig.tiny(), seed=0, enhancement="cross", **ENC)
     patch = P3SInjectorPatch(adapter, None, None)
     assert patch.cross and not P3SInjectorPatch(adapter, None, None, cross_attention="off").cross
     assert not P3SInjectorPatch(new_adapter(CopyUNetConfig.tiny(), seed=0, enhancement="self", **ENC), None, None).cross
