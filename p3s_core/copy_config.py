@@ -3,16 +3,21 @@
 
 Two layouts (``CopyUNetConfig.layout``, issue 22):
 
-* ``"encoder"`` (format-1 adapters): the copy's encoder half + middle, 4 features; each UNet layer
-  reads the feature of its resolution level, so the 9 decoder-side layers read encoder features.
+* ``"encoder"`` (format-1 adapters): the copy's encoder half + middle with one (ResBlock,
+  transformer) pair per level, 4 features; each UNet layer reads the feature of its resolution level,
+  so the two encoder-side layers of a level share one copy transformer and the 9 decoder-side layers
+  read encoder features.
 * ``"full"``: the paper's "simplified U-Net (with only one ResNet block in each block), each
-  corresponding to a spatial-transformer layer in the original U-Net": the encoder half + middle +
-  a decoder half (one ResNet block and one transformer per level, fed by the copy's own skips,
-  :mod:`.copy_decoder`), 7 features; the decoder-side UNet layers read the decoder features
-  (layer-map entries marked ``"source": "decoder"``).
+  corresponding to a spatial-transformer layer in the original U-Net": ONE copy layer (one ResBlock +
+  one transformer) for EACH of the 16 UNet transformers: two per encoder level, the middle, and three
+  per decoder level (:mod:`.copy_decoder`, fed by the copy's own skips), i.e. SD1.5's UNet without its
+  8x8 level and without ``out``; 16 features. Every layer-map entry carries ``"feature"``, the index of
+  its own copy transformer (its position in the map); the decoder-side entries are also marked
+  ``"source": "decoder"``.
 
-Copy features, in execution order (:func:`feature_index`): 0, 1, 2 = encoder levels 0..2, 3 = the
-middle, and for ``"full"`` 4, 5, 6 = decoder levels 2, 1, 0.
+Copy features, in execution order (:func:`feature_index`): "encoder": 0, 1, 2 = encoder levels 0..2,
+3 = the middle; "full": the layer-map order (input_1, input_2, input_4, input_5, input_7, input_8,
+middle_0, output_3 .. output_11), which is also the copy's execution order.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from .errors import AdapterFileError, TrainingConfigError
 __all__ = ["COPY_LAYOUTS", "DEFAULT_COPY_LAYOUT", "check_copy_layout", "CopyUNetConfig", "LAYER_MAP", "layer_map", "layer_key", "feature_index",
            "num_features"]
 
-#: The copy layouts: "encoder" (encoder half + middle) and "full" (+ a decoder half).
+#: The copy layouts: "encoder" (encoder half + middle, 4 copy transformers) and "full" (one copy layer
+#: per UNet transformer, 16).
 COPY_LAYOUTS = ("encoder", "full")
 #: The layout new adapters get (Trainer node, CLI); the README says why (benchmarks/copy_layouts.py).
 DEFAULT_COPY_LAYOUT = "encoder"
@@ -164,29 +170,33 @@ def layer_key(block: Sequence[Any], transformer_index: int = 0) -> str:
 def layer_map(config: CopyUNetConfig | None = None) -> list[dict[str, Any]]:
     """The 16 SD1.5 self-attention targets, in UNet execution order, as JSON-friendly dicts:
     ``{"key", "block": [name, id], "transformer_index", "level" (0..2, 3 = middle),
-    "downscale" (1, 2, 4, 8), "channels"}``; in the "full" layout the ``output`` entries also hold
-    ``"source": "decoder"`` (they read the copy's decoder, :func:`feature_index`)."""
+    "downscale" (1, 2, 4, 8), "channels"}``; in the "full" layout every entry also holds
+    ``"feature"`` (the index of its own copy transformer, :func:`feature_index`) and the ``output``
+    entries ``"source": "decoder"`` (they read the copy's decoder half)."""
     config = config or CopyUNetConfig.sd15()
     out = []
-    for name, idx, level in _ORIGINAL_ATTN1:
+    for pos, (name, idx, level) in enumerate(_ORIGINAL_ATTN1):
         e = {"key": layer_key((name, idx)), "block": [name, idx], "transformer_index": 0,
              "level": level, "downscale": 2 ** level, "channels": config.level_channels[level]}
-        if config.layout == "full" and name == "output":
-            e["source"] = "decoder"
+        if config.layout == "full":
+            e["feature"] = pos
+            if name == "output":
+                e["source"] = "decoder"
         out.append(e)
     return out
 
 
 def feature_index(entry: Mapping[str, Any]) -> int:
-    """Index of the copy feature a layer-map entry reads (see the module docstring): the encoder /
-    middle level, or ``4 + (2 - level)`` for a ``"source": "decoder"`` entry."""
-    level = int(entry["level"])
-    return 6 - level if entry.get("source") == "decoder" else level
+    """Index of the copy feature a layer-map entry reads (see the module docstring): its own copy
+    transformer's (``"feature"``, layout "full"), else the encoder / middle level ("encoder")."""
+    if "feature" in entry:
+        return int(entry["feature"])
+    return int(entry["level"])
 
 
 def num_features(config: CopyUNetConfig) -> int:
-    """How many features the copy computes: 4 ("encoder") or 7 ("full")."""
-    return 7 if config.layout == "full" else 4
+    """How many features (copy transformers) the copy computes: 4 ("encoder") or 16 ("full")."""
+    return len(_ORIGINAL_ATTN1) if config.layout == "full" else 4
 
 
 #: The SD1.5 layer map (see :func:`layer_map`).

@@ -26,8 +26,14 @@ _ENCODER_LDM_PREFIXES = [
     ("middle.res.", "middle_block.0."),
     ("middle.st.", "middle_block.1."),
 ]
-#: copy key prefix -> LDM key prefix, both layouts (the decoder's only match in "full")
-_LDM_PREFIXES = _ENCODER_LDM_PREFIXES + DECODER_LDM_PREFIXES
+#: "full" only: the second (ResBlock, transformer) pair of each encoder level
+_SECOND_PAIR_LDM_PREFIXES = [
+    (f"levels_b.{lvl}.{part}.", f"input_blocks.{n}.{sub}.")
+    for lvl, n in ((0, 2), (1, 5), (2, 8)) for part, sub in (("res", 0), ("st", 1))
+]
+#: copy key prefix -> LDM key prefix, both layouts (the second pairs and the decoder only match in
+#: "full")
+_LDM_PREFIXES = _ENCODER_LDM_PREFIXES + _SECOND_PAIR_LDM_PREFIXES + DECODER_LDM_PREFIXES
 
 
 def ldm_key_map(copy: P3SCopyUNet, prefix: str = "") -> dict[str, str]:

@@ -31,15 +31,18 @@ encoder- and decoder-side layers of that level. All 16 features are exactly zero
 Odd latent sizes: the stride-2 downsample uses padding 1 like LDM, so level sizes are
 ``ceil(h / 2**level)``, the same as the original UNet's (its decoder upsamples back to those sizes).
 
-Layouts (:mod:`.copy_config`, issue 22): the table above is the ``"encoder"`` layout. ``"full"``
-adds the decoder half of :mod:`.copy_decoder` (``self.decoder``): the 9 decoder-side layers
-(``output_3`` .. ``output_11``) then read the copy's decoder level of their resolution instead of
-its encoder level (:func:`feature_index`), and the ``output_11`` counterpart of ``ATTN_MAP_KEY`` is
-the decoder's level-0 transformer.
+Layouts (:mod:`.copy_config`, issue 22): the table above is the ``"encoder"`` layout (4 copy
+transformers). ``"full"`` is one copy layer (one ResBlock + one transformer) per UNet transformer, 16:
+it adds ``levels_b.<l>.res/.st``, the second pair of each encoder level (from ``input_blocks.2`` /
+``5`` / ``8``, run after ``levels.<l>``, before the downsample), and the decoder half of
+:mod:`.copy_decoder` (``self.decoder``, three pairs per level from ``output_blocks.3`` .. ``11``, fed
+by the copy's own 9 skips). Each of the 16 layers then reads its own copy transformer
+(:func:`feature_index` = its layer-map position), and the ``output_11`` counterpart of
+``ATTN_MAP_KEY`` is the decoder's last level-0 transformer.
 
 Parameter count (``count_parameters(P3SCopyUNet(CopyUNetConfig.sd15()))``): 179,614,400, of which
 the 16 zero convs hold 12,402,880 (about 718 MB in float32; the SD1.5 UNet has 859.5 M); the
-``"full"`` layout: 329,664,000 (about 1.32 GB in float32).
+``"full"`` layout: 631,001,600 (the same 12,402,880 in zero convs; about 2.52 GB in float32).
 
 Cross-attention enhancement (paper Sec. III-B, Fig. 3: "we add the hidden states both in self and
 cross attention layers to the original model through a zero convolution"; issue 22): with
@@ -188,8 +191,12 @@ class P3SCopyUNet(nn.Module):
                                      _Level(ch[1], ch[2], cfg, ops)])
         self.downs = nn.ModuleList([Downsample(ch[0], ops), Downsample(ch[1], ops), Downsample(ch[2], ops)])
         self.middle = _Level(ch[2], ch[3], cfg, ops)
+        full = cfg.layout == "full"
+        #: "full" (issue 22): the second (ResBlock, transformer) pair of each encoder level, the copy
+        #: layers of input_blocks 2 / 5 / 8; None in the "encoder" layout
+        self.levels_b = nn.ModuleList([_Level(c, c, cfg, ops) for c in ch[:3]]) if full else None
         #: the decoder half of the "full" layout (issue 22); None in the "encoder" layout
-        self.decoder = CopyDecoder(cfg, ops) if cfg.layout == "full" else None
+        self.decoder = CopyDecoder(cfg, ops) if full else None
         self.layer_map = layer_map(cfg)
         self.zero_convs = nn.ModuleDict({e["key"]: _zero_conv(e["channels"], ops)
                                          for e in self.layer_map})
@@ -204,9 +211,10 @@ class P3SCopyUNet(nn.Module):
                        ref: torch.Tensor | None = None, return_attn_map: bool = False,
                        dtype: torch.dtype | None = None, cross_sink: list | None = None):
         """The copy features ``F(x_t + I'', c, t)`` in :func:`feature_index` order: the 4 encoder /
-        middle levels, then (layout "full") decoder levels 2, 1, 0; each [B, C_l, h_l, w_l] (before
-        the zero convs). With ``return_attn_map`` also the attn2 map [B, h*w, tokens] of the
-        full-resolution transformer that feeds ``output_11`` (encoder level 0, or decoder level 0).
+        middle levels ("encoder"), or the 16 copy transformers in layer-map order ("full"); each
+        [B, C_l, h_l, w_l] (before the zero convs). With ``return_attn_map`` also the attn2 map
+        [B, h*w, tokens] of the full-resolution transformer that feeds ``output_11`` (encoder level
+        0, or the decoder's last level-0 pair).
         ``cross_sink``: a list that receives each transformer's attn2 output [B, h_l*w_l, C_l], in the
         same order as the features.
         ``dtype``: the compute dtype (None = the weights'; another one needs a casting layer family)."""
@@ -240,6 +248,9 @@ class P3SCopyUNet(nn.Module):
         context = context.to(dtype)
         feats, amap = [], None
         full = self.decoder is not None
+        skips = []  # "full": the decoder's skip stack (conv_in, each encoder pair, downsamples 0, 1)
+        if full:
+            skips.append(h if inv is None else h.index_select(0, inv))
         for i, (level, down) in enumerate(zip(self.levels, self.downs)):
             h = level.res(h, emb)
             e = inv if i == 0 else None
@@ -250,20 +261,30 @@ class P3SCopyUNet(nn.Module):
             if i == 0 and inv is not None:
                 emb = emb.index_select(0, inv)
             feats.append(h)
+            if full:  # the level's second pair (input_blocks 2 / 5 / 8)
+                skips.append(h)
+                second = self.levels_b[i]
+                h = second.st(second.res(h, emb), context, sink=cross_sink)
+                feats.append(h)
+                skips.append(h)
             h = down(h)
+            if full and i < 2:
+                skips.append(h)
         h = self.middle.res(h, emb)
         h = self.middle.st(h, context, sink=cross_sink)
         feats.append(h)
         if full:
-            res = self.decoder(h, feats[:3], emb, context, return_attn=return_attn_map, sink=cross_sink)
+            res = self.decoder(h, skips, emb, context, return_attn=return_attn_map, sink=cross_sink)
             dec, amap = res if return_attn_map else (res, None)
             feats.extend(dec)
         return (feats, amap) if return_attn_map else feats
 
     def feature_transformers(self) -> list[nn.Module]:
-        """The copy's SpatialTransformers in :func:`feature_index` order (4, or 7 in "full")."""
-        out = [lvl.st for lvl in self.levels] + [self.middle.st]
-        return out + (self.decoder.transformers() if self.decoder is not None else [])
+        """The copy's SpatialTransformers in :func:`feature_index` order (4, or 16 in "full")."""
+        if self.decoder is None:
+            return [lvl.st for lvl in self.levels] + [self.middle.st]
+        enc = [st for a, b in zip(self.levels, self.levels_b) for st in (a.st, b.st)]
+        return enc + [self.middle.st] + self.decoder.transformers()
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 ref: torch.Tensor | None = None, return_attn_map: bool = False,
@@ -272,8 +293,8 @@ class P3SCopyUNet(nn.Module):
         ``context`` [B,77,768], ``ref`` = I'' [B,4,h,w] (already at x_t's size; None = no
         reference). Returns ``{key: [B, h_l*w_l, C_l]}``; with ``return_attn_map`` the dict also
         holds ``ATTN_MAP_KEY`` -> the level-0 transformer's attn2 probabilities averaged over heads
-        [B, h*w, 77]. That copy layer (320 wide, full latent resolution: encoder level 0, or decoder
-        level 0 in the "full" layout) is the counterpart of the original UNet's LAST cross-attention
+        [B, h*w, 77]. That copy layer (320 wide, full latent resolution: encoder level 0, or the
+        decoder's last level-0 pair in the "full" layout) is the counterpart of the original UNet's LAST cross-attention
         layer (``output_blocks.11``), used by the attention consistency loss (Eq. 11-13).
         ``dtype``: see :meth:`level_features`. With the cross-attention enhancement
         (``enhancement="cross"`` and ``cross``) the dict also holds ``cross_key(key)`` ->

@@ -186,7 +186,7 @@ def _probs_of(attn, x, context) -> torch.Tensor:
 
 @contextlib.contextmanager
 def copy_attention_hooks(adapter, sink: dict):
-    """Forward hooks on the copy's cross-attention layers (4, or 7 in the "full" layout) writing
+    """Forward hooks on the copy's cross-attention layers (4, or 16 in the "full" layout) writing
     ``sink[feature index] = map`` (:func:`~p3s_core.copy_config.feature_index` of a layer-map entry
     names the map that layer's loss term reads)."""
     mods = [st.transformer_blocks[0].attn2 for st in adapter.copy.feature_transformers()]

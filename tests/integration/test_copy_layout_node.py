@@ -1,5 +1,5 @@
 """Issue 22 in the real ComfyUI: the P3S Trainer with ``copy_layout="full"`` (a copy layer for each
-of the UNet's transformers, the decoder fed by the copy's own skips), then that adapter in the
+of the UNet's 16 transformers, the decoder fed by the copy's own skips), then that adapter in the
 Condition Injector in a KSampler run; a resumed adapter keeps its layout."""
 from __future__ import annotations
 
@@ -42,13 +42,21 @@ def test_full_layout_trains_the_decoder_from_the_unet_weights_and_saves_it(comfy
     assert adapter.config.layout == loaded.config.layout == "full"
     assert adapter.training_info["steps"] == 1
     assert [e.get("source") for e in loaded.layer_map].count("decoder") == 9
+    assert [e["feature"] for e in loaded.layer_map] == list(range(16))
+    assert len(loaded.copy.feature_transformers()) == 16
     base = comfy.core("comfyui_engine").base_unet_state_dict(sd15.model)
     sd = loaded.state_dict()
-    # initialised from the UNet's output blocks, then one AdamW step (lr 1e-5) moved it a little
+    # every copy tensor initialised from the real UNet's (the widths are the UNet's: the init checks
+    # every shape), then one AdamW step (lr 1e-5) moved it a little
     for copy_key, unet_key in [
-            ("copy.decoder.levels.0.st.transformer_blocks.0.attn2.to_k.weight",
-             "output_blocks.9.1.transformer_blocks.0.attn2.to_k.weight"),
-            ("copy.decoder.levels.2.res.in_layers.2.weight", "output_blocks.3.0.in_layers.2.weight")]:
+            ("copy.levels_b.0.st.transformer_blocks.0.attn1.to_q.weight",
+             "input_blocks.2.1.transformer_blocks.0.attn1.to_q.weight"),
+            ("copy.levels_b.2.res.in_layers.2.weight", "input_blocks.8.0.in_layers.2.weight"),
+            ("copy.decoder.levels.0.2.st.transformer_blocks.0.attn2.to_k.weight",
+             "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight"),
+            ("copy.decoder.levels.2.0.res.in_layers.2.weight", "output_blocks.3.0.in_layers.2.weight"),
+            ("copy.decoder.levels.1.2.res.in_layers.2.weight", "output_blocks.8.0.in_layers.2.weight")]:
+        assert sd[copy_key].shape == base[unet_key].shape, copy_key
         delta = float((sd[copy_key] - base[unet_key].float().cpu()).abs().max())
         assert 0 < delta < 1e-3, (copy_key, delta)
     assert float(sd["copy.zero_convs.output_11.weight"].abs().max()) > 0  # trained, was 0

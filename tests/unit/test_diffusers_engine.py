@@ -220,31 +220,61 @@ def test_an_unknown_beta_schedule_is_refused():
 
 
 # --- the "full" copy layout (issue 22) ---------------------------------------------------------------
-def test_full_copy_decoder_initialised_from_diffusers_matches_the_up_blocks(unet):
-    """Decoder level l of the copy computes what diffusers' up block of that level computes with its
-    first ResNet + transformer, and each copy upsample what that block's upsampler does."""
+def test_full_copy_initialised_from_diffusers_matches_every_block(unet):
+    """Each of the full copy's 16 pairs computes what its diffusers ResNet + transformer compute
+    (encoder level l pair j <- down_blocks[l] resnets/attentions[j]; decoder level l pair j <-
+    up_blocks[3 - l] resnets/attentions[j], at the UNet's input widths), and each copy upsample what
+    that block's upsampler does."""
     adapter = db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet, "full"), clip_dim=16,
                                       encoder_inner_dim=8)
-    dec = adapter.copy.decoder
-    assert adapter.copy.config.layout == "full" and dec is not None
+    c = adapter.copy
+    dec = c.decoder
+    assert c.config.layout == "full" and dec is not None
     _x, t, ctx = inputs()
     temb = unet.time_embedding(unet.time_proj(t.expand(2)).float())
     g = torch.Generator().manual_seed(5)
-    # (copy level, its diffusers up block, input width h + skip, the upsample into it, its source)
-    cases = [(2, 1, 128 + 128, 2, unet.up_blocks[0]), (1, 2, 128 + 64, 1, unet.up_blocks[1]),
-             (0, 3, 64 + 32, 0, unet.up_blocks[2])]
+    # (copy pair, its diffusers block, pair index in the block, input width)
+    cases = [(c.levels[0], unet.down_blocks[0], 0, 32), (c.levels_b[0], unet.down_blocks[0], 1, 32),
+             (c.levels[1], unet.down_blocks[1], 0, 32), (c.levels_b[1], unet.down_blocks[1], 1, 64),
+             (c.levels[2], unet.down_blocks[2], 0, 64), (c.levels_b[2], unet.down_blocks[2], 1, 128)]
+    widths = {2: (256, 256, 192), 1: (192, 128, 96), 0: (96, 64, 64)}  # SD1.5's h + skip, tiny widths
+    cases += [(dec.levels[lvl][j], unet.up_blocks[3 - lvl], j, widths[lvl][j]) for lvl in (2, 1, 0) for j in range(3)]
+    assert len(cases) == 15  # + the middle, checked by test_copy_initialised_from_diffusers_matches_diffusers_blocks
     with torch.no_grad():
-        for lvl, up_idx, cin, ups_idx, up_src in cases:
-            blk = unet.up_blocks[up_idx]
+        for pair, blk, j, cin in cases:
             h = torch.randn(2, cin, 4, 4, generator=g)
-            a = dec.levels[lvl].st(dec.levels[lvl].res(h, temb), ctx)
-            r = blk.resnets[0](h, temb)
-            b = blk.attentions[0](r, encoder_hidden_states=ctx, return_dict=False)[0]
-            assert torch.allclose(a, b, atol=1e-5), (lvl, float((a - b).abs().max()))
-            c = up_src.upsamplers[0].channels
-            u = torch.randn(2, c, 3, 3, generator=g)
+            a = pair.st(pair.res(h, temb), ctx)
+            r = blk.resnets[j](h, temb)
+            b = blk.attentions[j](r, encoder_hidden_states=ctx, return_dict=False)[0]
+            assert torch.allclose(a, b, atol=1e-5), (j, cin, float((a - b).abs().max()))
+        for ups_idx, up_src in ((2, unet.up_blocks[0]), (1, unet.up_blocks[1]), (0, unet.up_blocks[2])):
+            ch = up_src.upsamplers[0].channels
+            u = torch.randn(2, ch, 3, 3, generator=g)
             ua, ub = dec.ups[ups_idx](u, (5, 6)), up_src.upsamplers[0](u, output_size=(5, 6))
-            assert ua.shape == (2, c, 5, 6) and torch.allclose(ua, ub, atol=1e-5), lvl
+            assert ua.shape == (2, ch, 5, 6) and torch.allclose(ua, ub, atol=1e-5), ups_idx
+
+
+def test_full_adapter_from_diffusers_equals_the_one_from_ldm_names(unet, tmp_path):
+    """The diffusers init and the LDM init (ComfyUI's path) of the full copy give the same tensors,
+    and that adapter survives a save / load round trip (format 2, copy_layout "full")."""
+    from safetensors import safe_open
+
+    from p3s_core.adapter import load_adapter, save_adapter
+
+    cfg = db.copy_config_for(unet, "full")
+    a = db.new_adapter_for_unet(unet, seed=0, config=cfg, clip_dim=16, encoder_inner_dim=8)
+    ldm = db.ldm_state_from_diffusers(unet.state_dict(), cfg)
+    b = new_adapter(cfg, ldm, seed=0, clip_dim=16, encoder_inner_dim=8)
+    assert a.base_unet_hash == b.base_unet_hash
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    path = save_adapter(a, tmp_path / "full.safetensors")
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["copy_layout"] == "full"
+    c = load_adapter(path)
+    assert c.copy_layout == "full" and len(c.copy.feature_transformers()) == 16
+    sc = c.state_dict()
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
 @pytest.mark.parametrize("layout", ["encoder", "full"])
@@ -262,7 +292,8 @@ def test_training_step_both_layouts_trains_the_layers_that_feed_the_decoder(unet
             close()
         assert math.isfinite(float(l_ldm.detach())) and float(l_ac.detach()) > 0
         assert adapter.copy.zero_convs["output_11"].weight.grad.abs().sum() > 0
-        # L_ac reaches the transformer that feeds output_11: encoder level 0, or the decoder's level 0
-        st = adapter.copy.decoder.levels[0].st if layout == "full" else adapter.copy.levels[0].st
+        # L_ac reaches the transformer that feeds output_11: encoder level 0, or the decoder's last
+        # level-0 pair
+        st = adapter.copy.decoder.levels[0][2].st if layout == "full" else adapter.copy.levels[0].st
         assert st.transformer_blocks[0].attn2.to_k.weight.grad.abs().sum() > 0
         adapter.zero_grad(set_to_none=True)
