@@ -40,8 +40,9 @@ def _train_args(p):
                         "README's decisions) (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="short side of the photos (default: %(default)s)")
     p.add_argument("--copy-layout", default=DEFAULT_COPY_LAYOUT, choices=COPY_LAYOUTS,
-                   help="trainable copy: 'encoder' (encoder half + middle) or 'full' (+ a decoder half, "
-                        "as the paper; more parameters, slower steps) (default: %(default)s)")
+                   help="trainable copy: 'encoder' (encoder half + middle, 4 transformers) or 'full' (a copy "
+                        "layer for each of the UNet's 16 transformers, as the paper; 3.5x the parameters, "
+                        "slower steps) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (0 = torch's default). On the CPU the same seed gives the same adapter "
