@@ -76,3 +76,28 @@ def test_a_resumed_adapter_keeps_its_layout(comfy, sd15, clip_vision, photo, ful
     adapter = out["result"][0]
     assert adapter.config.layout == "full" and adapter.training_info["steps"] == 2
     assert any(k.startswith("copy.decoder.") for k in adapter.state_dict())
+
+
+def test_all_layer_loss_pairs_each_unet_layer_with_its_own_copy_transformer(comfy, sd15, clip_vision, photo,
+                                                                          full_run):
+    """ac_layers='all' on the full copy in the real ComfyUI: the 16 copy transformers each give a map,
+    and each UNet layer's map is compared with its own copy transformer's (same token grid)."""
+    tr, train = comfy.core("comfyui_engine"), comfy.core("train")
+    losses, cfg_mod = comfy.core("losses"), comfy.core("copy_config")
+    with torch.inference_mode():
+        (b,) = tr.cache_inputs(sd15.model, sd15.clip, sd15.vae, clip_vision, photo, PROMPT, resolution=SIZE)
+        unet = tr.frozen_unet_copy(sd15.model)
+        adapter = tr.new_training_adapter(unet, resume=full_run.loaded)
+    assert len(adapter.copy.feature_transformers()) == 16
+    ctx = tr.build_step_fn(sd15.model, adapter, train.TrainSettings(ac_layers="all"), unet=unet)
+    seen: dict = {}
+    try:
+        with losses.copy_attention_hooks(adapter, seen), torch.inference_mode(False), torch.no_grad():
+            l_ldm, l_ac = ctx.step_fn(adapter, b.latent, b.context, b.clip_hidden, torch.Generator().manual_seed(3))
+            maps = dict(ctx.capture.maps)
+    finally:
+        ctx.close()
+    assert sorted(seen) == list(range(16)) and len(maps) == 16
+    for e in adapter.layer_map:
+        assert seen[cfg_mod.feature_index(e)].shape[1] == maps[e["key"]].shape[1], e["key"]
+    assert torch.isfinite(l_ldm) and float(l_ac) > 0
