@@ -51,7 +51,7 @@ class Settings:
     epochs: int = 10               # of 2 photos: 2 steps each
     learning_rate: float = 1e-4    # the paper's 1e-5 barely moves the random SD1.5 in so few steps
     train_seed: int = 3
-    reference_pairing: str = "self"
+    reference_pairing: str = "auto"     # the Trainer's default
     heldout_seed: int = 1234       # the held-out noise: not the Trainer's generator
     timesteps: tuple = (100, 300, 500, 700, 900)
     lam: float = 0.2
@@ -213,7 +213,8 @@ def measure(comfy, sd15, clip_vision, s: Settings | None = None, log=print) -> d
     dilution = {n: _mean([r[n] for r in dilution_runs]) for n in layers}
     info = trained.training_info
     return {"settings": {**asdict(s), "timesteps": list(s.timesteps), "prompt": PROMPT, "photos": 2},
-            "training": {"steps": info["steps"], "loss": info["loss"], "seconds": round(train_s, 1)},
+            "training": {"steps": info["steps"], "loss": info["loss"], "seconds": round(train_s, 1),
+                         "enhancement": trained.enhancement, "pairing_used": info.get("reference_pairing")},
             "summary": summary, "cases": cases,
             "dilution_untrained": {"per_layer": dilution, "mean": _mean(list(dilution.values())),
                                    "min": min(dilution.values()), "max": max(dilution.values())}}
@@ -246,25 +247,28 @@ class ZeroKeyMass(_Attn1Probe):
 
 
 def measure_toyworld(seed: int = 0, timesteps=Settings.timesteps, heldout_seed: int = Settings.heldout_seed,
-                     log=print) -> dict:
+                     log=print, world_seed: int | None = None, enhancement: str | None = None,
+                     reference_pairing: str = "auto") -> dict:
     """The same comparison on the toy world's *trained* denoiser (``benchmarks/toyworld``, CI size):
     P3S trained through the diffusers engine's step (the toy world's run settings: 4 photos, 240
     steps), evaluated through :class:`P3SDiffusersInjector` (the same Eq. 7-10 as the Condition
     Injector, ``tests/integration/test_parity.py``), each photo as the target with the next photo as
-    the reference; the untrained adapter's dilution per layer under its injection."""
+    the reference; the untrained adapter's dilution per layer under its injection. ``seed``: the photos'
+    and the training's; ``world_seed``: the world's (default ``seed``); ``enhancement`` (None: the
+    Trainer's default) and ``reference_pairing``: the training's (:func:`measure_toyworld_ablation`)."""
     from benchmarks.toyworld import build as B
     from benchmarks.toyworld import p3s_path as P
     from p3s_core import diffusers_engine as db
     from p3s_core.diffusers_engine.training import training_betas
     from p3s_core.schedule import P3SSchedule
 
-    world = P.ToyWorld(B.build(seed, "ci", threads=1, log=log))
+    world = P.ToyWorld(B.build(seed if world_seed is None else world_seed, "ci", threads=1, log=log))
     photos = P.make_photos(0, seed)
     cleaned = P.rngr_clean(world, photos, "both points")
     prompt = P.train_prompt(photos)
-    rs = P.RunSettings(seed=seed)
+    rs = P.RunSettings(seed=seed, enhancement=enhancement, reference_pairing=reference_pairing)
     t0 = time.perf_counter()
-    trained, _ = P.train_p3s(world, cleaned, prompt, rs)
+    trained, result = P.train_p3s(world, cleaned, prompt, rs)
     train_s = time.perf_counter() - t0
     untrained = P.untrained_adapter(world, seed=seed, lam=rs.lam)
     batches = P.batches_for(world, cleaned.images, cleaned.masks, prompt)
@@ -307,11 +311,37 @@ def measure_toyworld(seed: int = 0, timesteps=Settings.timesteps, heldout_seed: 
             cases.append({"target": target, "reference": ref, "reference_kind": kind, "plain": plain,
                           "untrained": untr, "trained": tr})
     dilution = {k: _mean([r[k] for r in dil]) for k in dil[0]}
-    return {"settings": {"world": f"toyworld ci seed {seed}", "photos": n, "steps": rs.steps, "lr": rs.lr,
-                         "timesteps": list(timesteps), "heldout_seed": heldout_seed, "prompt": prompt},
+    return {"settings": {"world": f"toyworld ci seed {seed if world_seed is None else world_seed}", "photos": n,
+                         "steps": rs.steps, "lr": rs.lr, "timesteps": list(timesteps), "heldout_seed": heldout_seed,
+                         "prompt": prompt, "enhancement": trained.enhancement,
+                         "reference_pairing": rs.reference_pairing, "pairing_used": result.reference_pairing},
             "training": {"seconds": round(train_s, 1)}, "summary": summarise(cases), "cases": cases,
             "dilution_untrained": {"per_layer": dilution, "mean": _mean(list(dilution.values())),
                                    "min": min(dilution.values()), "max": max(dilution.values())}}
+
+
+#: The ablation of issue 22's decision: (enhancement, reference pairing) of the training.
+ABLATION = (("self", "self"), ("cross", "self"), ("cross", "other photo"), ("self", "other photo"))
+
+
+def measure_toyworld_ablation(seeds=(0, 1, 2), log=print) -> dict:
+    """Why the cross-attention enhancement trains with another photo as its reference: the toy world's
+    held-out loss (other photo as the reference) of the plain denoiser and of an adapter trained with
+    each :data:`ABLATION` pair, on world 0 with photos and training draws of each seed."""
+    rows = []
+    for enhancement, pairing in ABLATION:
+        per_seed = []
+        for seed in seeds:
+            r = measure_toyworld(seed, log=lambda *a: None, world_seed=0, enhancement=enhancement,
+                                 reference_pairing=pairing)
+            m = r["summary"]["other photo"]
+            per_seed.append({"seed": seed, "plain": m["plain"], "trained": m["trained"],
+                             "trained_vs_plain": m["trained_vs_plain"], "same_photo": r["summary"]["same photo"]["trained"],
+                             "wins": m["trained_beats_plain_pairs"], "pairs": m["pairs"]})
+            log(f"ablation {enhancement}/{pairing} seed {seed}: trained vs plain {m['trained_vs_plain']:+.1%}")
+        rows.append({"enhancement": enhancement, "reference_pairing": pairing, "per_seed": per_seed,
+                     "mean_trained_vs_plain": _mean([x["trained_vs_plain"] for x in per_seed])})
+    return {"seeds": list(seeds), "world": "toyworld ci seed 0", "rows": rows}
 
 
 def boot():
@@ -334,41 +364,49 @@ def boot():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = Settings()
-    ap.add_argument("--part", default="both", choices=("both", "comfyui", "toyworld"),
-                    help="the random SD1.5 in ComfyUI, the toy world, or both (a part run alone keeps the other "
-                         "part of an existing --out file)")
+    ap.add_argument("--part", default="all", choices=("all", "comfyui", "toyworld", "ablation"),
+                    help="the random SD1.5 in ComfyUI, the toy world, the toy world's enhancement x pairing "
+                         "ablation, or all (a part run alone keeps the other parts of an existing --out file)")
     ap.add_argument("--size", type=int, default=d.size)
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--lr", type=float, default=d.learning_rate)
-    ap.add_argument("--pairing", default=d.reference_pairing, choices=("self", "other photo"))
+    ap.add_argument("--pairing", default=d.reference_pairing, choices=("auto", "self", "other photo"))
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file to write")
     args = ap.parse_args(argv)
     s = Settings(size=args.size, epochs=args.epochs, learning_rate=args.lr, reference_pairing=args.pairing)
     out = Path(args.out)
-    result = json.loads(out.read_text()) if args.part != "both" and out.is_file() else {}
+    result = json.loads(out.read_text()) if args.part != "all" and out.is_file() else {}
     if str(REPO / "scripts") not in sys.path:
         sys.path.insert(0, str(REPO / "scripts"))
     import results_file
 
     # Each part carries its own stamp (date, command, machine; a part run alone keeps the other's).
     run = {**results_file.stamp(None if argv is None else ["benchmarks/heldout_loss.py", *argv]), "torch": torch.__version__}
-    if args.part in ("both", "comfyui"):
+    if args.part in ("all", "comfyui"):
         t0 = time.perf_counter()
         comfy, sd15, cv = boot()
         result["comfyui"] = measure(comfy, sd15, cv, s)
         result["comfyui"]["run"] = {**run, "model": "the random-weight SD1.5 (scripts/setup.sh), fp32, CPU",
                                     "total_s": round(time.perf_counter() - t0, 1)}
         out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.part in ("both", "toyworld"):
-        if str(REPO) not in sys.path:
-            sys.path.append(str(REPO))  # benchmarks.toyworld, p3s_core (after ComfyUI's own modules)
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))  # benchmarks.toyworld, p3s_core (after ComfyUI's own modules)
+    toy = "the toy world's trained denoiser (build.py --seed 0 --size ci)"
+    if args.part in ("all", "toyworld"):
         t0 = time.perf_counter()
         torch.set_num_threads(1)
         result["toyworld"] = measure_toyworld()
-        result["toyworld"]["run"] = {**run, "model": "the toy world's trained denoiser (build.py --seed 0 --size ci)",
-                                     "total_s": round(time.perf_counter() - t0, 1)}
+        result["toyworld"]["run"] = {**run, "model": toy, "total_s": round(time.perf_counter() - t0, 1)}
+    if args.part in ("all", "ablation"):
+        t0 = time.perf_counter()
+        torch.set_num_threads(1)
+        result["toyworld_ablation"] = measure_toyworld_ablation()
+        result["toyworld_ablation"]["run"] = {**run, "model": toy, "total_s": round(time.perf_counter() - t0, 1)}
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for part, r in result.items():
+    for row in result.get("toyworld_ablation", {}).get("rows", []):
+        print(f"ablation {row['enhancement']} / {row['reference_pairing']}: trained vs plain "
+              f"{row['mean_trained_vs_plain']:+.1%} (mean of {len(row['per_seed'])} seeds)")
+    for part, r in ((k, v) for k, v in result.items() if k != "toyworld_ablation"):
         for kind, m in r["summary"].items():
             print(f"{part}, {kind}: plain {m['plain']:.4f} untrained {m['untrained']:.4f} trained {m['trained']:.4f} "
                   f"(trained vs plain {m['trained_vs_plain']:+.1%}, vs untrained {m['trained_vs_untrained']:+.1%})")

@@ -8,7 +8,9 @@ from .adapter_nodes import adapter_file_name, check_adapter
 from .common import ADAPTER, CATEGORY, check_image_batch, check_text, numpy_to_image
 
 #: issue 22: the injection the new adapter learns (node text -> p3s_core.copy_unet.ENHANCEMENTS)
-ENHANCEMENTS = {"self-attention only": "self", "self + cross attention (paper)": "cross"}
+ENHANCEMENTS = {"self + cross attention (paper)": "cross", "self-attention only": "self"}
+#: the label of p3s_core.copy_unet.DEFAULT_ENHANCEMENT (tests/unit checks they agree)
+DEFAULT_ENHANCEMENT_LABEL = "self + cross attention (paper)"
 
 
 def _estimated_adapter_bytes(copy_layout: str = "encoder") -> int:
@@ -66,7 +68,7 @@ class P3STrainer:
     @classmethod
     def INPUT_TYPES(cls):
         from ..p3s_core.copy_config import COPY_LAYOUTS, DEFAULT_COPY_LAYOUT
-        from ..p3s_core.train import CHECKPOINTING_CHOICES
+        from ..p3s_core.train import CHECKPOINTING_CHOICES, DEFAULT_REFERENCE_PAIRING, REFERENCE_PAIRINGS
 
         return {
             "required": {
@@ -90,10 +92,10 @@ class P3STrainer:
                 "resume_adapter": (ADAPTER, {"tooltip": "Continue training this adapter (its step count continues) instead of starting from the base model."}),
                 "gradient_checkpointing": (list(CHECKPOINTING_CHOICES), {"advanced": True, "default": "auto", "tooltip": "Recompute the frozen UNet's blocks in the backward pass: less memory, slower steps. 'auto' (default): on where it pays (on a GPU always; on the CPU from resolution 256), off otherwise. Workflows saved with true/false still run (true = on, false = off)."}),
                 "ac_reading": (["mass", "literal"], {"advanced": True, "default": "mass", "tooltip": "Normalisation of L_ac (Eq. 11-12). 'mass' (default): summed squared difference over the mean map mass, the mean per-query distance between the two attention maps, so gamma*L_ac actually steers training. 'literal': the equation as printed (MSE / mass, about 1e-9: no effect)."}),
-                "reference_pairing": (["self", "other photo"], {"advanced": True, "default": "self", "tooltip": "Which reference I' each training step sees. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose."}),
+                "reference_pairing": (list(REFERENCE_PAIRINGS), {"advanced": True, "default": DEFAULT_REFERENCE_PAIRING, "tooltip": "Which reference I' each training step sees. 'auto' (default): 'other photo' for an adapter with the cross-attention enhancement and 2+ photos (trained on its own aligned photo, the enhancement learns to copy it; see the README), else 'self'. 'self' (paper): the photo itself. 'other photo' (2+ photos): another photo of the subject, flipped at random, as at generation where the reference is not aligned with the image; slower to fit, less copying of the reference's pose. With one photo it is always 'self'."}),
                 "reproducible": ("BOOLEAN", {"advanced": True, "default": True, "tooltip": "On the CPU: train on one thread, so the same seed writes the same adapter file byte for byte (with several threads the backward pass differs in the last bits from run to run). Costs step time on multi-core CPUs (see the README). No effect on GPUs."}),
                 "copy_layout": (list(COPY_LAYOUTS), {"advanced": True, "default": DEFAULT_COPY_LAYOUT, "tooltip": "Layout of the trainable copy (Eq. 6). 'encoder': the copy's encoder half + middle; each UNet self-attention layer reads the copy level of its resolution (179.6 M parameters). 'full': one copy layer (one ResNet block + one transformer) for each of the UNet's 16 transformers, the decoder half fed by the copy's own skips, so every self-attention layer reads its own copy layer, as the paper describes (631.0 M parameters, slower steps, more training memory; see the README). A resumed adapter keeps its own layout."}),
-                "enhancement": (list(ENHANCEMENTS), {"advanced": True, "default": "self-attention only", "tooltip": "What the new adapter injects. 'self-attention only' (default): the copy's features extend the self-attention (Eq. 7). 'self + cross attention (paper)': its cross-attention outputs are also added to the model's cross-attention outputs through zero convolutions (Fig. 3; 16 more zero convolutions, about 50 MB more in the file); opt-in: in the toy world it raised the held-out denoising loss (see the README). A resumed adapter keeps its own."}),
+                "enhancement": (list(ENHANCEMENTS), {"advanced": True, "default": DEFAULT_ENHANCEMENT_LABEL, "tooltip": "What the new adapter injects. 'self + cross attention (paper)' (default): the copy's features extend the self-attention (Eq. 7) and its cross-attention outputs are added to the model's cross-attention outputs through zero convolutions (Fig. 3; 16 more zero convolutions, about 50 MB more in the file); trained with reference_pairing 'auto' it lowered the toy world's held-out loss below the plain model's and a self-attention-only adapter's (see the README). 'self-attention only': Eq. 7 alone (adapters of earlier versions). A resumed adapter keeps its own."}),
             },
         }
 
@@ -112,8 +114,8 @@ class P3STrainer:
 
     def train(self, model, clip, vae, clip_vision, images, prompt, identifier, epochs, learning_rate, gamma,
               resolution, seed, save_name, save_every, mask=None, resume_adapter=None, gradient_checkpointing="auto",
-              ac_reading="mass", reference_pairing="self", reproducible=True, copy_layout=None,
-              enhancement="self-attention only"):
+              ac_reading="mass", reference_pairing="auto", reproducible=True, copy_layout=None,
+              enhancement=DEFAULT_ENHANCEMENT_LABEL):
         from ..p3s_core import comfyui_engine as engine
         from ..p3s_core.comfyui_engine import training as trainer
         from ..p3s_core.copy_config import COPY_LAYOUTS, DEFAULT_COPY_LAYOUT, check_copy_layout
@@ -129,7 +131,7 @@ class P3STrainer:
         mask = _check_mask(images, mask)
         if enhancement not in ENHANCEMENTS:
             raise TrainingConfigError("enhancement", f"{enhancement!r} is not one of {tuple(ENHANCEMENTS)}",
-                                      "use 'self-attention only' (default) or 'self + cross attention (paper)'")
+                                      "use 'self + cross attention (paper)' (default) or 'self-attention only'")
         checkpointing = checkpointing_choice(gradient_checkpointing)  # None: on where it pays
         copy_layout = check_copy_layout(DEFAULT_COPY_LAYOUT if copy_layout is None else copy_layout)
         settings = TrainSettings(epochs=epochs, lr=learning_rate, gamma=gamma, seed=seed,
@@ -179,6 +181,8 @@ class P3STrainer:
             text += f"; precision {info['precision']}"
             if info.get("skipped_steps"):
                 text += f" ({info['skipped_steps']} steps skipped by loss scaling)"
+        if info.get("reference_pairing"):
+            text += f"; reference pairing {info['reference_pairing']}"
         used = info.get("gradient_checkpointing")
         if used is not None:
             text += f"; gradient checkpointing {'on' if used else 'off'}" + (" (auto)" if checkpointing is None else "")

@@ -91,10 +91,11 @@ __all__ = [
 #: Condition injection parts (issue 22): "cross" = self-attention injection (Eq. 7) + cross-attention
 #: enhancement (Fig. 3, the paper's); "self" = the self-attention injection only (format-1 files).
 ENHANCEMENTS = ("cross", "self")
-#: The default of a new adapter: "self". The cross half is the paper's (Fig. 3) but, trained at weight 1
-#: and applied at eps_t (Eq. 10) as the self half is, it raised the toy world's held-out denoising loss
-#: above the plain model's (README, "Decisions"), so it is opt-in until that is resolved.
-DEFAULT_ENHANCEMENT = "self"
+#: The default of a new adapter: "cross", the paper's. Trained with each photo as its own reference it
+#: learns to copy that aligned reference (held-out loss with another photo as reference far above the
+#: plain model's in the toy world), so training pairs it with another photo (:mod:`p3s_core.train`,
+#: ``reference_pairing="auto"``); then it beats the plain model and a self-only adapter (README, "Decisions").
+DEFAULT_ENHANCEMENT = "cross"
 #: Prefix of the cross-attention enhancement features in ``P3SCopyUNet.forward``'s dict.
 CROSS_PREFIX = "cross:"
 

@@ -31,6 +31,13 @@ Decisions where the paper is vague:
   ``ref_latent`` / ``ref_clip_hidden``). It trades the copy's easy shortcut (copying the
   pixel-aligned target through I'') for learning the subject's appearance from a non-aligned
   view, as at generation, where the reference is never aligned with the image being made.
+  ``"auto"`` (default, :func:`resolve_reference_pairing`): "other photo" for an adapter with the
+  cross-attention enhancement and two or more photos, else "self". Decision (issue 22): the
+  enhancement adds the copy's output straight to the model's cross-attention output, and with the
+  photo as its own reference it learns that shortcut: in the toy world the held-out loss with
+  another photo as the reference rose far above the plain model's, while with "other photo" it fell
+  below both the plain model's and a self-attention-only adapter's (README, "Decisions";
+  ``benchmarks/heldout_loss.py --part ablation``). The self-attention half keeps the paper's "self".
 * Resume: ``start_step`` continues the step count (``training_info["steps"]``). The optimiser's
   moments are not in the adapter file, so AdamW starts fresh; the generator is re-seeded from
   ``(seed, start_step)`` so a resumed run does not replay the first run's noise.
@@ -55,6 +62,8 @@ __all__ = [
     "AC_LAYERS",
     "AC_READINGS",
     "REFERENCE_PAIRINGS",
+    "DEFAULT_REFERENCE_PAIRING",
+    "resolve_reference_pairing",
     "TrainSettings",
     "TrainBatch",
     "TrainResult",
@@ -73,8 +82,22 @@ __all__ = [
 AC_LAYERS = ("last", "all")
 #: Eq. 11-12 normalisation, see :data:`p3s_core.losses.AC_READINGS`.
 AC_READINGS = ("mass", "literal")
-#: Which reference I' a training step sees: the photo itself (paper) or another photo, flipped at random.
-REFERENCE_PAIRINGS = ("self", "other photo")
+#: Which reference I' a training step sees: "auto" (see :func:`resolve_reference_pairing`), the photo
+#: itself (paper) or another photo, flipped at random.
+REFERENCE_PAIRINGS = ("auto", "self", "other photo")
+DEFAULT_REFERENCE_PAIRING = "auto"
+
+
+def resolve_reference_pairing(pairing: str, enhancement: str, n_photos: int) -> str:
+    """The pairing a run uses: "other photo" only with two or more photos; ``"auto"`` is "other
+    photo" for an adapter with the cross-attention enhancement (``enhancement == "cross"``, which
+    learns to copy an aligned reference, module docstring) and "self" (the paper) otherwise."""
+    if pairing not in REFERENCE_PAIRINGS:
+        raise TrainingConfigError("reference_pairing", f"{pairing!r} is not one of {REFERENCE_PAIRINGS}",
+                                  "use 'auto' (default), 'self' (paper) or 'other photo'")
+    if pairing == "auto":
+        pairing = "other photo" if enhancement == "cross" else "self"
+    return pairing if n_photos >= 2 else "self"
 #: Gradient checkpointing of the frozen UNet: "auto" turns it on where it pays
 #: (:func:`p3s_core.comfyui_engine.frozen_unet.checkpointing_pays`).
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
@@ -141,10 +164,10 @@ class TrainSettings:
     identifier: str = "sks"
     ac_layers: str = "last"
     ac_reading: str = "mass"
-    reference_pairing: str = "self"
+    reference_pairing: str = DEFAULT_REFERENCE_PAIRING
     weight_decay: float = 0.01
     mask_background_weight: float = 0.1
-    #: issue 22: "self" (default) or "cross" (self + cross attention, the paper's Fig. 3) for a new
+    #: issue 22: "cross" (default: self + cross attention, the paper's Fig. 3) or "self" for a new
     #: adapter; a resumed adapter keeps its own.
     enhancement: str = DEFAULT_ENHANCEMENT
 
@@ -194,7 +217,7 @@ class TrainSettings:
                 "use 'mass' (default: an L_ac that acts) or 'literal' (Eq. 11-12 as printed)")
         if self.reference_pairing not in REFERENCE_PAIRINGS:
             bad("reference_pairing", f"{self.reference_pairing!r} is not one of {REFERENCE_PAIRINGS}",
-                "use 'self' (paper) or 'other photo'")
+                "use 'auto' (default), 'self' (paper) or 'other photo'")
         if self.enhancement not in ENHANCEMENTS:
             bad("enhancement", f"{self.enhancement!r} is not one of {ENHANCEMENTS}",
                 "use 'cross' (self + cross attention, the paper) or 'self' (self-attention only)")
@@ -248,6 +271,7 @@ class TrainResult:
     gamma: float = 0.0
     precision: str = "fp32"    # TrainingPrecision.describe() of the run
     skipped_steps: int = 0     # steps the loss scaler skipped (scaled gradients overflowed)
+    reference_pairing: str = "self"  # the pairing the run used (resolve_reference_pairing)
 
     @property
     def weighted_ac_losses(self) -> list[float]:
@@ -321,8 +345,8 @@ def train_adapter(adapter: torch.nn.Module, batches: Sequence[TrainBatch], step_
     and the loss; it may raise to cancel (the exception propagates at once, no further step runs).
     Tensors of each batch are moved to ``device`` when given (inference tensors are cloned into
     normal ones, so batches made under ``torch.inference_mode()`` work). ``on_parts(l_ldm,
-    gamma_l_ac)`` is called before ``on_step`` with the step's two loss parts. With
-    ``settings.reference_pairing == "other photo"`` and two or more batches, ``step_fn`` also gets
+    gamma_l_ac)`` is called before ``on_step`` with the step's two loss parts. When the
+    pairing (:func:`resolve_reference_pairing`) is "other photo", ``step_fn`` also gets
     ``ref_latent`` / ``ref_clip_hidden`` of another photo (flipped at random). ``precision``
     (:mod:`p3s_core.precision`; fp32 when None): with loss scaling the backward runs on the scaled
     loss and a step whose gradients overflow is skipped and counted (``TrainResult.skipped_steps``);
@@ -384,7 +408,9 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_
     result = TrainResult(steps=start_step, gamma=float(settings.gamma), precision=precision.describe())
     scaler = precision.grad_scaler()
     watch = GradientWatch()
-    pair_other = settings.reference_pairing == "other photo" and n >= 2
+    pairing = resolve_reference_pairing(settings.reference_pairing, getattr(adapter, "enhancement", "self"), n)
+    result.reference_pairing = pairing
+    pair_other = pairing == "other photo"
     step = start_step
     try:
         for _epoch in range(settings.epochs):

@@ -158,7 +158,8 @@ class RunSettings:
     gamma: float = 0.1
     ac_reading: str = "mass"
     lam: float = 0.2
-    reference_pairing: str = "self"
+    reference_pairing: str = "auto"     # the Trainer's default (p3s_core.train.resolve_reference_pairing)
+    enhancement: str | None = None      # None: the Trainer's default (p3s_core.copy_unet.DEFAULT_ENHANCEMENT)
     cond_dropout: float = 0.1
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -200,9 +201,11 @@ def train_p3s(world: ToyWorld, cleaned: Cleaned, prompt: str, rs: RunSettings):
 
     batches = batches_for(world, cleaned.images, cleaned.masks, prompt)
     settings = train_settings(rs, len(batches))
+    from p3s_core.copy_unet import DEFAULT_ENHANCEMENT
+
     adapter = db.new_adapter_for_unet(world.unet, seed=rs.seed, config=db.copy_config_for(world.unet),
                                       clip_dim=int(world.vision.config.hidden_size), lam=rs.lam,
-                                      training={"steps": 0})
+                                      training={"steps": 0}, enhancement=rs.enhancement or DEFAULT_ENHANCEMENT)
     step_fn, close = db.build_step_fn(world.unet, adapter, settings, B.SCHEDULER)
     try:
         result = train_adapter(adapter, batches, step_fn, settings)

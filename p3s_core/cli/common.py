@@ -164,12 +164,14 @@ def read_points(path, images: Sequence[Path]):
 
 
 def settings_from(args):
-    from ..train import TrainSettings
+    from ..copy_unet import DEFAULT_ENHANCEMENT
+    from ..train import DEFAULT_REFERENCE_PAIRING, TrainSettings
 
     return TrainSettings(epochs=args.epochs, lr=args.lr, gamma=args.gamma,
                          cond_dropout=args.cond_dropout, seed=args.seed, resolution=args.resolution,
                          identifier=args.identifier, ac_layers=args.ac_layers,
-                         enhancement=getattr(args, "enhancement", "cross"))
+                         enhancement=getattr(args, "enhancement", DEFAULT_ENHANCEMENT),
+                         reference_pairing=getattr(args, "reference_pairing", DEFAULT_REFERENCE_PAIRING))
 
 
 def prepare_training(pipe, clip, photos: Sequence[Path], prompt: str, resolution: int, masks_dir=None):
@@ -233,7 +235,8 @@ def train_one(pipe, clip, photos, prompt, settings, out_path, masks_dir=None, pr
     adapter.to("cpu")
     adapter.training_info = {"prompt": prompt, "images": len(batches), "settings": settings.to_dict(),
                              "steps": result.steps, "loss": result.losses[-1], "engine": "diffusers",
-                             "precision": result.precision, "skipped_steps": int(result.skipped_steps)}
+                             "precision": result.precision, "skipped_steps": int(result.skipped_steps),
+                             "reference_pairing": result.reference_pairing}
     save_adapter(adapter, out_path)
     return result
 

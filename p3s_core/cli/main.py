@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..copy_config import COPY_LAYOUTS, DEFAULT_COPY_LAYOUT
+from ..copy_unet import DEFAULT_ENHANCEMENT, ENHANCEMENTS
+from ..train import DEFAULT_REFERENCE_PAIRING, REFERENCE_PAIRINGS
 from ..errors import P3SError
 from .commands import cmd_eval, cmd_generate, cmd_mask, cmd_train
 from .common import CLIInputError
@@ -35,9 +37,12 @@ def _train_args(p):
     p.add_argument("--identifier", default="sks", help="rare identifier token; paper: %(default)s")
     p.add_argument("--ac-layers", default="last", choices=("last", "all"),
                    help="L_ac on the last cross-attention layer (paper) or all 16 (default: %(default)s)")
-    p.add_argument("--enhancement", default="self", choices=("self", "cross"),
-                   help="self-attention injection only, or self + cross attention (paper, Fig. 3; opt-in, see the "
-                        "README's decisions) (default: %(default)s)")
+    p.add_argument("--enhancement", default=DEFAULT_ENHANCEMENT, choices=ENHANCEMENTS,
+                   help="self + cross attention (paper, Fig. 3) or the self-attention injection only "
+                        "(default: %(default)s)")
+    p.add_argument("--reference-pairing", default=DEFAULT_REFERENCE_PAIRING, choices=REFERENCE_PAIRINGS,
+                   help="training reference: 'auto' (another photo for the cross enhancement with 2+ photos, "
+                        "else the photo itself), 'self' (paper) or 'other photo' (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="short side of the photos (default: %(default)s)")
     p.add_argument("--copy-layout", default=DEFAULT_COPY_LAYOUT, choices=COPY_LAYOUTS,
                    help="trainable copy: 'encoder' (encoder half + middle, 4 transformers) or 'full' (a copy "

@@ -152,7 +152,7 @@ def run_training(model, clip, vae, clip_vision, images, prompt: str, settings: T
         with torch.inference_mode(False):
             adapter.to(mm.unet_offload_device())
         save(result.steps, result.losses[-1] if result.losses else float("nan"),
-             skipped_steps=int(result.skipped_steps))
+             skipped_steps=int(result.skipped_steps), reference_pairing=result.reference_pairing)
         return adapter, result, start_step
     finally:
         if ctx is not None:

@@ -31,6 +31,8 @@ def test_trained_adapter_beats_the_plain_model_with_the_other_photo_as_reference
     m = result["summary"]["other photo"]
     print("\nheld-out loss, other-photo reference:", {k: round(v, 4) for k, v in m.items()})
     assert result["training"]["steps"] == 20
+    # the Trainer's defaults: the cross-attention enhancement, trained with the other photo as reference
+    assert (result["training"]["enhancement"], result["training"]["pairing_used"]) == ("cross", "other photo")
     assert m["pairs"] == 2 * len(H.Settings().timesteps)
     # trained vs plain: the claim (a lower loss than SD1.5 without P3S), by a margin, at most t
     assert m["trained"] < m["plain"] * (1 - MARGIN_VS_PLAIN), m
@@ -67,9 +69,10 @@ def test_the_plain_figure_is_the_plain_model(comfy, sd15, clip_vision, result):
     assert got != case["trained"]
 
 
-#: the toy world (a trained denoiser, deterministic on one CPU thread): the committed run measured the
-#: trained adapter 1.9 % below the plain model with the other photo as reference
-TOY_MARGIN_VS_PLAIN = 0.01
+#: the toy world (a trained denoiser, deterministic on one CPU thread): with the defaults (the cross-attention
+#: enhancement, trained with another photo as reference) the committed run is well below the plain model; a
+#: self-attention-only adapter trained on its own photo, the defaults before issue 22, stayed within 2 % of it
+TOY_MARGIN_VS_PLAIN = 0.03
 
 
 @pytest.mark.toyworld
@@ -84,6 +87,7 @@ def test_toyworld_trained_adapter_beats_the_plain_denoiser_and_the_untrained_one
         r = H.measure_toyworld()
     finally:
         torch.set_num_threads(before)
+    assert r["settings"]["enhancement"] == "cross" and r["settings"]["pairing_used"] == "other photo"  # the defaults
     m = r["summary"]["other photo"]
     print("\ntoy world, other-photo reference:", {k: round(v, 4) for k, v in m.items()})
     assert m["trained"] < m["plain"] * (1 - TOY_MARGIN_VS_PLAIN), m
@@ -92,3 +96,21 @@ def test_toyworld_trained_adapter_beats_the_plain_denoiser_and_the_untrained_one
     assert m["untrained"] > m["plain"], m
     per = r["dilution_untrained"]["per_layer"]
     assert len(per) == 16 and all(0.0 < v < 1.0 for v in per.values()), per
+
+
+@pytest.mark.toyworld
+@pytest.mark.slow
+def test_toyworld_cross_enhancement_trained_on_its_own_photo_copies_it():
+    """Why the cross-attention enhancement trains with another photo (``reference_pairing="auto"``): with
+    each photo as its own reference it learns to copy the aligned reference -- better than plain when the
+    reference IS the target, worse than plain with another photo as the reference (as at generation)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = H.measure_toyworld(enhancement="cross", reference_pairing="self")
+    finally:
+        torch.set_num_threads(before)
+    other, same = r["summary"]["other photo"], r["summary"]["same photo"]
+    assert r["settings"]["pairing_used"] == "self" and r["settings"]["enhancement"] == "cross"
+    assert same["trained"] < same["plain"] * (1 - TOY_MARGIN_VS_PLAIN), same
+    assert other["trained"] > other["plain"] * (1 + TOY_MARGIN_VS_PLAIN), other

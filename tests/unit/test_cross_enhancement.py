@@ -123,12 +123,12 @@ def test_bad_enhancement_or_layout_metadata_is_refused(tmp_path):
 
 
 # --- the zero convolutions ------------------------------------------------------------------------
-def test_the_enhancement_is_opt_in_and_an_exact_no_op_at_init(unet):
+def test_the_enhancement_is_the_default_and_an_exact_no_op_at_init(unet):
     cross = cross_adapter(unet)
     selfonly = cross_adapter(unet, enhancement="self")
     assert cross.enhancement == "cross" and selfonly.enhancement == "self"
-    assert db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), **ENC).enhancement == "self"
-    assert TrainSettings().enhancement == "self"
+    assert db.new_adapter_for_unet(unet, seed=0, config=db.copy_config_for(unet), **ENC).enhancement == "cross"
+    assert TrainSettings().enhancement == "cross"
     assert set(cross.copy.cross_zero_convs) == {e["key"] for e in cross.layer_map}
     assert all(torch.equal(t, cross.state_dict()[k]) for k, t in selfonly.state_dict().items())
     inp = fixture.fixture_inputs()

@@ -90,6 +90,8 @@ def _edit_json(root: Path, name: str, edit) -> None:
      lambda d: d["comfyui"]["summary"]["other photo"].update(trained=0.123456, trained_vs_plain=-0.987), "| -98.7% |"),
     ("heldout", "heldout_loss.json", lambda d: d["toyworld"]["dilution_untrained"].__setitem__("mean", 0.777),
      "mean 78%"),
+    ("heldout", "heldout_loss.json",
+     lambda d: d["toyworld_ablation"]["rows"][1].__setitem__("mean_trained_vs_plain", -0.555), "| -55.5% |"),
 ])
 def test_a_block_follows_its_result_file(tmp_path, name, file, edit, want):
     """A changed figure in the result file changes the block: the text cannot keep a stale number."""
@@ -283,3 +285,14 @@ def test_the_heldout_block_holds_both_models_and_16_layers_of_dilution():
     assert set(result) >= {"comfyui", "toyworld"}
     for part in ("comfyui", "toyworld"):
         assert len(result[part]["dilution_untrained"]["per_layer"]) == 16
+
+
+def test_the_committed_ablation_supports_the_enhancement_defaults():
+    """The README's decision (issue 22: the cross-attention enhancement by default, trained with another
+    photo by ``reference_pairing="auto"``) stands on the committed ablation: with another photo the cross
+    enhancement beats the plain denoiser and the old default (self-attention only, own photo) on average,
+    and with its own photo it is worse than plain."""
+    a = rf.load(rf.REPO, f"{rf.RESULTS_DIR}/heldout_loss.json")["toyworld_ablation"]
+    mean = {(r["enhancement"], r["reference_pairing"]): r["mean_trained_vs_plain"] for r in a["rows"]}
+    assert mean[("cross", "other photo")] > max(0.0, mean[("self", "self")]), mean
+    assert mean[("cross", "self")] < 0.0, mean

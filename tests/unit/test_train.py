@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from p3s_core.adapter import load_adapter, new_adapter, save_adapter
-from p3s_core.copy_unet import ATTN_MAP_KEY, CopyUNetConfig
+from p3s_core.copy_unet import ATTN_MAP_KEY, DEFAULT_ENHANCEMENT, CopyUNetConfig
 from p3s_core.errors import TrainingConfigError, TrainingDivergedError
 from p3s_core.losses import attention_consistency_loss
 from p3s_core.train import (TrainBatch, TrainSettings, contains_identifier, estimate_adapter_bytes,
-                            masked_ldm_loss, train_adapter)
+                            masked_ldm_loss, train_adapter, DEFAULT_REFERENCE_PAIRING, resolve_reference_pairing)
 from p3s_core.previews import plot_losses
 
 TINY = CopyUNetConfig.tiny()           # widths 32/64/128, context 32
@@ -49,12 +49,15 @@ class TinyBase(torch.nn.Module):
         self.m_o = torch.softmax(torch.randn(1, HW * HW, TOKENS, generator=g) * 2, dim=-1)
         self.requires_grad_(False)
 
-    def step_fn(self, adapter, x0, context, clip_hidden, generator, mask=None):
+    def step_fn(self, adapter, x0, context, clip_hidden, generator, mask=None, ref_latent=None,
+                ref_clip_hidden=None):
         t = torch.randint(0, 1000, (1,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         ab = torch.cos((t.float() / 1000) * math.pi / 2) ** 2 * 0.99 + 0.005
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        i2 = adapter.encode_reference(x0, clip_hidden)
+        # the reference I': the photo itself, or another photo (reference_pairing, as the engines' steps)
+        ref = (x0, clip_hidden) if ref_latent is None else (ref_latent, ref_clip_hidden)
+        i2 = adapter.encode_reference(*ref)
         out = adapter.copy(xt, t.float(), context, i2, return_attn_map=True)
         f = out["input_1"].transpose(1, 2).reshape(1, -1, HW, HW)
         pred = self.conv(xt) + self.proj(f)
@@ -461,6 +464,34 @@ def test_reference_pairing_other_photo_gives_another_photo_flipped_at_random():
         TrainSettings(reference_pairing="random").validate()
     with pytest.raises(TrainingConfigError, match="ac_reading"):
         TrainSettings(ac_reading="paper").validate()
+
+
+# --- issue 22: the cross-attention enhancement is the default and trains with another photo ----------
+@pytest.mark.parametrize("pairing, enhancement, photos, used", [
+    ("auto", "cross", 3, "other photo"), ("auto", "self", 3, "self"), ("auto", "cross", 1, "self"),
+    ("self", "cross", 3, "self"), ("other photo", "self", 2, "other photo"), ("other photo", "cross", 1, "self")])
+def test_auto_pairing_gives_the_cross_enhancement_another_photo(pairing, enhancement, photos, used):
+    got = []
+
+    def step_fn(adapter, x0, context, clip_hidden, generator, **kw):
+        got.append(kw)
+        return (adapter.w ** 2).sum(), torch.zeros(())
+
+    adapter = _Counter()
+    adapter.enhancement = enhancement
+    result = train_adapter(adapter, _batches(photos), step_fn,
+                           TrainSettings(epochs=2, reference_pairing=pairing, enhancement=enhancement))
+    assert result.reference_pairing == used == resolve_reference_pairing(pairing, enhancement, photos)
+    assert all(("ref_latent" in kw) == (used == "other photo") for kw in got) and len(got) == 2 * photos
+
+
+def test_new_adapters_have_the_cross_enhancement_and_auto_pairing_by_default():
+    assert DEFAULT_ENHANCEMENT == TrainSettings().enhancement == "cross"
+    assert TrainSettings().reference_pairing == DEFAULT_REFERENCE_PAIRING == "auto"
+    adapter = new_adapter(CopyUNetConfig.tiny(), clip_dim=16, encoder_inner_dim=8)
+    assert adapter.enhancement == "cross" and len(adapter.copy.cross_zero_convs) == 16
+    with pytest.raises(TrainingConfigError, match="reference_pairing"):
+        resolve_reference_pairing("random", "cross", 3)
 
 
 def test_loss_parts_are_reported_separately():
