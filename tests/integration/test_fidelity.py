@@ -87,7 +87,8 @@ def active_adapter(comfy, sd15, clip_vision):
         adapter = adapter_mod.new_adapter(unet_state_dict=sd, seed=0)
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for conv in adapter.copy.zero_convs.values():
+            # both halves of the injection (the cross-attention enhancement is the default, issue 22)
+            for conv in [*adapter.copy.zero_convs.values(), *adapter.copy.cross_zero_convs.values()]:
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
         adapter.reference = {"latent": lat.clone(), "clip_hidden": hid.clone()}
     return adapter.eval().requires_grad_(False)
