@@ -160,6 +160,7 @@ class RunSettings:
     lam: float = 0.2
     reference_pairing: str = "auto"     # the Trainer's default (p3s_core.train.resolve_reference_pairing)
     enhancement: str | None = None      # None: the Trainer's default (p3s_core.copy_unet.DEFAULT_ENHANCEMENT)
+    copy_layout: str | None = None      # None: the Trainer's default (p3s_core.copy_config.DEFAULT_COPY_LAYOUT)
     cond_dropout: float = 0.1
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -201,9 +202,11 @@ def train_p3s(world: ToyWorld, cleaned: Cleaned, prompt: str, rs: RunSettings):
 
     batches = batches_for(world, cleaned.images, cleaned.masks, prompt)
     settings = train_settings(rs, len(batches))
+    from p3s_core.copy_config import DEFAULT_COPY_LAYOUT
     from p3s_core.copy_unet import DEFAULT_ENHANCEMENT
 
-    adapter = db.new_adapter_for_unet(world.unet, seed=rs.seed, config=db.copy_config_for(world.unet),
+    config = db.copy_config_for(world.unet).with_layout(rs.copy_layout or DEFAULT_COPY_LAYOUT)
+    adapter = db.new_adapter_for_unet(world.unet, seed=rs.seed, config=config,
                                       clip_dim=int(world.vision.config.hidden_size), lam=rs.lam,
                                       training={"steps": 0}, enhancement=rs.enhancement or DEFAULT_ENHANCEMENT)
     step_fn, close = db.build_step_fn(world.unet, adapter, settings, B.SCHEDULER)
