@@ -61,7 +61,11 @@ def run_unet(unet, adapter, **kw):
 
 
 # --- format: version 1 loads as today, both versions are written --------------------------------------
-def test_a_format_1_file_loads_as_self_attention_only_and_gives_its_outputs_bit_for_bit(unet):
+def test_a_format_1_file_loads_as_self_attention_only_and_gives_its_outputs(unet):
+    """The outputs stored when the fixture was written (the pack before format 2, an AMD EPYC CPU).
+    Bit for bit on that CPU; another CPU's kernels differ in the last bits (an Intel Xeon: up to
+    1e-6 on values of order 1), so the comparison has a tolerance far below any change of behaviour
+    (a behaviour change, such as a cross path that acts, moves them by far more)."""
     with safe_open(str(V1), "pt") as f:
         assert f.metadata()["p3s_format_version"] == "1" and "enhancement" not in f.metadata()
     adapter = load_adapter(V1)
@@ -71,7 +75,7 @@ def test_a_format_1_file_loads_as_self_attention_only_and_gives_its_outputs_bit_
     got = fixture.expected_outputs(adapter, unet)
     assert set(got) == set(expected)  # no cross feature appears for a format-1 adapter
     for k in expected:
-        assert torch.equal(got[k], expected[k]), k
+        assert got[k].shape == expected[k].shape and torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-5), k
 
 
 def test_format_2_records_the_enhancement_and_layout_and_format_1_can_still_be_written(tmp_path, unet):
