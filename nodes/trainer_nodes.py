@@ -183,6 +183,8 @@ class P3STrainer:
                 text += f" ({info['skipped_steps']} steps skipped by loss scaling)"
         if info.get("reference_pairing"):
             text += f"; reference pairing {info['reference_pairing']}"
+            if result.pairing_note:
+                text += f" ({result.pairing_note})"
         used = info.get("gradient_checkpointing")
         if used is not None:
             text += f"; gradient checkpointing {'on' if used else 'off'}" + (" (auto)" if checkpointing is None else "")

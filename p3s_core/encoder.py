@@ -146,8 +146,8 @@ def prepare_reference(i2: torch.Tensor, batch: int, size: Sequence[int], index: 
     """The input of Eq. 6 from ``I''`` [N,C,h',w']: reference ``index`` fitted to ``x_t``'s grid
     ``size = (h, w)`` (:func:`fit_reference`, no stretching) and repeated for the ``batch``.
 
-    Decision: one reference per generation (training pairs each photo with itself, so the copy has
-    never seen an average of several unaligned photos); several references are *not* averaged in
+    Decision: one reference per generation (a training step feeds the copy one photo, the target or
+    another photo, so it has never seen an average of several unaligned photos); several references are *not* averaged in
     latent space. To use several at once, run the copy once per reference and average its
     features (the Condition Injector's "average copy features" mode).
     """

@@ -45,6 +45,7 @@ Decisions where the paper is vague:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -58,12 +59,15 @@ from .errors import TrainingConfigError, TrainingDivergedError
 from .losses import total_loss
 from .precision import GradientWatch, TrainingPrecision
 
+log = logging.getLogger("P3S")
+
 __all__ = [
     "AC_LAYERS",
     "AC_READINGS",
     "REFERENCE_PAIRINGS",
     "DEFAULT_REFERENCE_PAIRING",
     "resolve_reference_pairing",
+    "pairing_fallback_note",
     "TrainSettings",
     "TrainBatch",
     "TrainResult",
@@ -98,6 +102,16 @@ def resolve_reference_pairing(pairing: str, enhancement: str, n_photos: int) -> 
     if pairing == "auto":
         pairing = "other photo" if enhancement == "cross" else "self"
     return pairing if n_photos >= 2 else "self"
+
+
+def pairing_fallback_note(pairing: str, enhancement: str, n_photos: int) -> str:
+    """Why a run trains with "self" although another photo was asked for (explicitly, or by "auto"
+    for the cross-attention enhancement): there is one photo. Empty when nothing fell back. With
+    "self" the enhancement learns to copy its pixel-aligned reference (module docstring)."""
+    if n_photos >= 2 or resolve_reference_pairing(pairing, enhancement, 2) != "other photo":
+        return ""
+    return ("one photo: trained with the photo as its own reference (self); the cross-attention "
+            "enhancement then tends to copy that photo's layout. Give the Trainer two or more photos")
 #: Gradient checkpointing of the frozen UNet: "auto" turns it on where it pays
 #: (:func:`p3s_core.comfyui_engine.frozen_unet.checkpointing_pays`).
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
@@ -272,6 +286,7 @@ class TrainResult:
     precision: str = "fp32"    # TrainingPrecision.describe() of the run
     skipped_steps: int = 0     # steps the loss scaler skipped (scaled gradients overflowed)
     reference_pairing: str = "self"  # the pairing the run used (resolve_reference_pairing)
+    pairing_note: str = ""     # pairing_fallback_note(): why "other photo" fell back to "self"
 
     @property
     def weighted_ac_losses(self) -> list[float]:
@@ -410,6 +425,9 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_
     watch = GradientWatch()
     pairing = resolve_reference_pairing(settings.reference_pairing, getattr(adapter, "enhancement", "self"), n)
     result.reference_pairing = pairing
+    result.pairing_note = pairing_fallback_note(settings.reference_pairing, getattr(adapter, "enhancement", "self"), n)
+    if result.pairing_note:
+        log.warning("[P3S] %s.", result.pairing_note)
     pair_other = pairing == "other photo"
     step = start_step
     try:

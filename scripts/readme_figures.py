@@ -474,8 +474,9 @@ def render_reference_cost(root: Path) -> str:
     r = load(root, f"{RESULTS_DIR}/reference_cost.json")
     n, avg = r["refs"], f"average of {r['refs']}"
     ratio, over = r["ratio_to_plain"], r["overhead_s"]
-    return ("- **One reference per generation.** Training pairs each photo with itself, so the copy never sees an\n"
-            "  average of several unaligned photos: the Condition Injector feeds exactly one reference\n"
+    return ("- **One reference per generation.** A training step feeds the copy exactly one photo (the target\n"
+            "  itself or another photo of the subject, `reference_pairing` below), never an average of several\n"
+            "  unaligned photos: the Condition Injector feeds exactly one reference\n"
             "  (`reference_index`). `reference_mode = average copy features` runs the copy once per reference and\n"
             f"  averages its features: N copy runs per step. Measured ({_when(r)}; random SD1.5 at {r['size']}², "
             f"one DDIM step with CFG, median of {r['rounds']} interleaved rounds): plain 1.00× "

@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
     write_config(out.parent, "train", args)
     res = train_one(pipe, clip, photos, args.prompt, settings, out, args.masks,
                     copy_layout=args.copy_layout)
-    print(f"P3S train: {res.steps} steps, last loss {res.losses[-1]:.5f}; adapter saved to {out}")
+    print(f"P3S train: {res.steps} steps, last loss {res.losses[-1]:.5f}, reference pairing "
+          f"{res.reference_pairing}; adapter saved to {out}" + (f" ({res.pairing_note})" if res.pairing_note else ""))
     return 0
 
 

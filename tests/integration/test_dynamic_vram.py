@@ -10,7 +10,7 @@ list onto the non-dynamic path; the adapter runs as its ComfyUI twin, every laye
 outside); and P3S sampling keeps working when ComfyUI offloads the UNet and the adapter (a lowvram
 load that casts weights per layer, as Dynamic VRAM does): every layer of the copy and the encoder on
 ComfyUI's lowvram path, the step equal to the full-load step within fp32 rounding (issue 21).
-``scripts/gpu_check.sh`` runs the CUDA side (with and without ``--disable-dynamic-vram``).
+``scripts/gpu_check.py`` runs the CUDA side (with and without ``--disable-dynamic-vram``).
 """
 from __future__ import annotations
 

@@ -148,6 +148,10 @@ def test_trainer_same_seed_same_adapter_other_seed_differs_and_file_carries_the_
     # the two loss parts are reported apart: progress text, metadata
     text = outs["p3s_fid_a"]["ui"]["text"][0]
     assert "L_LDM" in text and "gamma*L_ac" in text
+    # one photo with the default cross-attention enhancement: no other photo to pair with, and the
+    # Trainer says so (the enhancement trained on its own photo learns to copy it)
+    assert "; reference pairing self (one photo: " in text and "two or more photos" in text
+    assert sa.training_info["reference_pairing"] == "self"
     info = loaded.training_info
     assert info["loss"] == pytest.approx(info["loss_ldm"] + info["loss_gamma_ac"], rel=1e-5)
     assert info["loss_gamma_ac"] > 0 and info["settings"]["ac_reading"] == "mass"
@@ -166,6 +170,7 @@ def test_trainer_same_seed_same_bytes_over_ten_steps_with_two_photos(comfy, sd15
     # both report the same 10 steps and the same loss curve (the plot is drawn from every step's loss)
     texts = [o["ui"]["text"][0].split(": ", 1)[1] for o in outs.values()]  # after the save name
     assert texts[0] == texts[1] and texts[0].startswith("10 steps, last loss "), texts
+    assert "; reference pairing other photo;" in texts[0] and "one photo" not in texts[0]  # the defaults, 2 photos
     plots = [o["result"][2] for o in outs.values()]
     assert torch.equal(plots[0], plots[1])
     with torch.inference_mode():
