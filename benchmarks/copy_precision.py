@@ -2,7 +2,7 @@
 (issue 21.2), relative to P3S's own effect on that step. The real ComfyUI, in process, on the CPU.
 
 The random SD1.5 (fp32 UNet, ComfyUI's CPU default), an adapter initialised from its UNet with
-random zero convs (N(0, 0.05), as the tests' "trained" adapter) and a random stored reference; the
+random zero convs, self- and cross-attention (N(0, 0.05), as the tests' "trained" adapter) and a random stored reference; the
 Condition Injector's patch (``apply_injector``) with the copy forced to fp32, bf16 or fp16
 (``copy_precision``), and without P3S. One step of ComfyUI's ``ddim`` sampler (``ddim_uniform``,
 50 steps, CFG 7.5, batch 1) through ``KSamplerAdvanced``: the first step (from pure noise) and a
@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         adapter = adapter_mod.new_adapter(None, sd, seed=args.seed)
         del sd
         with torch.no_grad():
-            for conv in list(adapter.copy.zero_convs.values()) + [adapter.encoder.zero_conv]:
+            convs = list(adapter.copy.zero_convs.values()) + list(adapter.copy.cross_zero_convs.values())
+            for conv in convs + [adapter.encoder.zero_conv]:  # the default adapter: self + cross enhancement
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
         adapter = adapter.eval().requires_grad_(False)
     reference = (torch.randn(1, 4, lat, lat, generator=g), torch.randn(1, 257, 1024, generator=g))
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     steps = {"first step (0 of 50)": 0, "middle step (25 of 50)": 25}
     result = {"kind": "copy_precision", "comfyui": comfyui_version.__version__, "device": "cpu",
               "size": args.size, "latent": [lat, lat], "seed": args.seed,
-              "setup": "random SD1.5, fp32 UNet; adapter from its UNet, zero convs N(0, 0.05); random stored "
+              "setup": "random SD1.5, fp32 UNet; adapter from its UNet (enhancement " + adapter.enhancement + "), "
+                       "zero convs N(0, 0.05); random stored "
                        "reference; ddim / ddim_uniform, 50 steps, CFG 7.5, batch 1; default P3S schedule (Eq. 10)",
               "steps": {}}
     for label, start in steps.items():
