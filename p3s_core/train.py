@@ -110,8 +110,10 @@ def pairing_fallback_note(pairing: str, enhancement: str, n_photos: int) -> str:
     "self" the enhancement learns to copy its pixel-aligned reference (module docstring)."""
     if n_photos >= 2 or resolve_reference_pairing(pairing, enhancement, 2) != "other photo":
         return ""
-    return ("one photo: trained with the photo as its own reference (self); the cross-attention "
-            "enhancement then tends to copy that photo's layout. Give the Trainer two or more photos")
+    copies = "; the cross-attention enhancement then tends to copy that photo's layout" if enhancement == "cross" else ""
+    return f"one photo: trained with the photo as its own reference (self){copies}. Give the Trainer two or more photos"
+
+
 #: Gradient checkpointing of the frozen UNet: "auto" turns it on where it pays
 #: (:func:`p3s_core.comfyui_engine.frozen_unet.checkpointing_pays`).
 CHECKPOINTING_CHOICES = ("auto", "on", "off")
@@ -423,9 +425,10 @@ def _train(adapter, batches, step_fn, settings, on_step, start_step, device, on_
     result = TrainResult(steps=start_step, gamma=float(settings.gamma), precision=precision.describe())
     scaler = precision.grad_scaler()
     watch = GradientWatch()
-    pairing = resolve_reference_pairing(settings.reference_pairing, getattr(adapter, "enhancement", "self"), n)
+    enhancement = getattr(adapter, "enhancement", "self")
+    pairing = resolve_reference_pairing(settings.reference_pairing, enhancement, n)
     result.reference_pairing = pairing
-    result.pairing_note = pairing_fallback_note(settings.reference_pairing, getattr(adapter, "enhancement", "self"), n)
+    result.pairing_note = pairing_fallback_note(settings.reference_pairing, enhancement, n)
     if result.pairing_note:
         log.warning("[P3S] %s.", result.pairing_note)
     pair_other = pairing == "other photo"

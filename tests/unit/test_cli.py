@@ -71,11 +71,13 @@ def test_bad_input_is_a_typed_error_before_any_work(models, tmp_path, capsys):
     assert rc == 2 and "Fix:" in capsys.readouterr().err
 
 
-def test_train_writes_an_adapter_and_a_config_that_repeats_the_run(models, tmp_path):
+def test_train_writes_an_adapter_and_a_config_that_repeats_the_run(models, tmp_path, capsys):
     out = tmp_path / "run1" / "dog.safetensors"
     args = ["train", str(models["photos"]), "--out", str(out), "--epochs", "1", "--resolution", "64",
             "--seed", "3", "--threads", "1", *_models_args(models)]
     assert cli.main(args) == 0
+    said = capsys.readouterr().out  # the defaults with 3 photos: another photo as the reference
+    assert "reference pairing other photo; adapter saved to" in said and "one photo" not in said
     adapter = load_adapter(out)
     assert adapter.training_info["steps"] == 3 and adapter.training_info["engine"] == "diffusers"
     assert adapter.config.model_channels == 32 and adapter.encoder.clip_dim == 16
@@ -225,3 +227,16 @@ def test_generate_uses_the_chosen_reference_and_never_stretches(models, tmp_path
     assert cli.main(["generate", "--adapter", str(tmp_path / "a.safetensors"), "--reference", str(refs),
                      "--prompt", "x", "--out", str(tmp_path / "bad"), "--reference-index", "2",
                      *_models_args(models)]) == 2
+
+
+def test_train_with_one_photo_says_the_enhancement_fell_back_to_its_own_photo(models, tmp_path, capsys):
+    one = tmp_path / "one"
+    one.mkdir()
+    first = sorted(models["photos"].iterdir())[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    out = tmp_path / "one.safetensors"
+    assert cli.main(["train", str(one), "--out", str(out), "--epochs", "1", "--resolution", "64", "--threads", "1",
+                     *_models_args(models)]) == 0
+    said = capsys.readouterr().out
+    assert "reference pairing self; adapter saved to" in said and "(one photo: " in said
+    assert "two or more photos" in said and load_adapter(out).training_info["reference_pairing"] == "self"
